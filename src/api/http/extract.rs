@@ -1,0 +1,226 @@
+//! Extractors whose every rejection is the contract's error shape.
+
+use super::AppState;
+use super::auth::Principal;
+use crate::api::error::ApiError;
+use crate::command::validate_idempotency_key;
+use crate::domain::FieldError;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+/// The request's id (from `X-Request-Id` if sane, else generated).
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Marks a response as an error whose body the request-id layer renders.
+#[derive(Debug, Clone)]
+pub struct ErrorMarker(pub ApiError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut res = status.into_response();
+        if self.status == 401 {
+            res.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        res.extensions_mut().insert(ErrorMarker(self));
+        res
+    }
+}
+
+impl FromRequestParts<AppState> for RequestId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<RequestId>()
+            .cloned()
+            .unwrap_or_else(|| RequestId(new_request_id())))
+    }
+}
+
+/// A fresh request id.
+pub fn new_request_id() -> String {
+    format!("req_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// The authenticated caller.
+impl FromRequestParts<AppState> for Principal {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let header = match parts.headers.get(header::AUTHORIZATION) {
+            Some(v) => Some(v.to_str().map_err(|_| {
+                ApiError::new(401, "unauthorized", "the Authorization header is not ASCII")
+            })?),
+            None => None,
+        };
+        let p = state.tokens.authenticate(header)?;
+        tracing::Span::current().record("token", p.name.as_str());
+        Ok(p)
+    }
+}
+
+/// A JSON body: 415 without `Content-Type: application/json`, 413 over the limit, 400 when
+/// it does not parse, 422 (naming the field) when it does not fit. An empty body is `{}`.
+pub struct JsonBody<T> {
+    /// The typed body.
+    pub value: T,
+    /// The body re-serialized canonically (sorted keys), for idempotency fingerprints.
+    pub canonical: Vec<u8>,
+}
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let json_type = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|ct| {
+                let mime = ct
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_ascii_lowercase();
+                mime == "application/json"
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
+            });
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    413,
+                    "payload_too_large",
+                    "the request body is larger than this route accepts",
+                )
+            } else {
+                ApiError::new(
+                    400,
+                    "bad_request",
+                    format!("cannot read the request body: {r}"),
+                )
+            }
+        })?;
+        let value: serde_json::Value = if bytes.is_empty() {
+            serde_json::Value::Object(Default::default())
+        } else {
+            if json_type != Some(true) {
+                return Err(ApiError::new(
+                    415,
+                    "unsupported_media_type",
+                    "send the body as Content-Type: application/json",
+                ));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| {
+                ApiError::new(
+                    400,
+                    "malformed_json",
+                    format!("the body is not valid JSON: {e}"),
+                )
+            })?
+        };
+        let canonical = serde_json::to_vec(&value).unwrap_or_default();
+        let value =
+            crate::command::unit::parse_at(value, "").map_err(|e| ApiError::validation(vec![e]))?;
+        Ok(JsonBody { value, canonical })
+    }
+}
+
+/// Query parameters: 400 naming the problem when they do not parse.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequestParts<AppState> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(q).map(Query).map_err(|e| {
+            ApiError::new(
+                400,
+                "invalid_parameter",
+                format!("bad query parameters: {e}"),
+            )
+        })
+    }
+}
+
+/// The envelope headers of a mutating request.
+#[derive(Debug, Clone, Default)]
+pub struct WriteMeta {
+    /// `Idempotency-Key`.
+    pub idempotency_key: Option<String>,
+    /// `If-Match` as a version.
+    pub if_match: Option<i64>,
+}
+
+impl WriteMeta {
+    /// Reads `Idempotency-Key` and `If-Match` (`3`, `"3"`, `W/"3"` or `*`).
+    pub fn from_headers(h: &HeaderMap) -> Result<Self, ApiError> {
+        let idempotency_key = match h.get("idempotency-key") {
+            Some(v) => {
+                let k = v.to_str().unwrap_or("\u{0}").to_owned();
+                validate_idempotency_key(&k).map_err(|e| {
+                    ApiError::new(400, "invalid_header", e.message.clone()).with_details(vec![e])
+                })?;
+                Some(k)
+            }
+            None => None,
+        };
+        let if_match = match h.get(header::IF_MATCH) {
+            Some(v) => {
+                let raw = v.to_str().unwrap_or("").trim();
+                if raw == "*" {
+                    None
+                } else {
+                    let t = raw.trim_start_matches("W/").trim_matches('"');
+                    Some(t.parse::<i64>().map_err(|_| {
+                        ApiError::new(
+                            400,
+                            "invalid_header",
+                            "If-Match must be a unit version, e.g. \"3\"",
+                        )
+                        .with_details(vec![FieldError::new("If-Match", "must be a unit version")])
+                    })?)
+                }
+            }
+            None => None,
+        };
+        Ok(WriteMeta {
+            idempotency_key,
+            if_match,
+        })
+    }
+}
+
+impl FromRequestParts<AppState> for WriteMeta {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Self::Rejection> {
+        WriteMeta::from_headers(&parts.headers)
+    }
+}
+
+/// The fingerprint of a request for idempotency: operation, path and canonical body.
+pub fn fingerprint(op: &str, path: &str, canonical_body: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(op.as_bytes());
+    h.update([0]);
+    h.update(path.as_bytes());
+    h.update([0]);
+    h.update(canonical_body);
+    h.finalize().into()
+}

@@ -1,0 +1,159 @@
+//! The HTTP API (axum): routes, auth, the error shape on every failure, and the server.
+
+pub mod auth;
+pub mod extract;
+pub mod routes;
+
+use crate::api::error::ApiError;
+use crate::command::Executor;
+use auth::Tokens;
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use extract::{ErrorMarker, RequestId, new_request_id};
+use std::future::Future;
+use std::sync::Arc;
+use tracing::Instrument;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState(Arc<AppInner>);
+
+/// The shared state behind [`AppState`].
+pub struct AppInner {
+    /// Runs commands.
+    pub executor: Executor,
+    /// Configured tokens.
+    pub tokens: Tokens,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+/// Body limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Every route but the snapshot.
+    pub max_body_bytes: usize,
+    /// The snapshot.
+    pub max_snapshot_bytes: usize,
+}
+
+/// Builds the router with its middleware.
+pub fn router(executor: Executor, tokens: Tokens, limits: Limits) -> Router {
+    let state = AppState(Arc::new(AppInner { executor, tokens }));
+    let (api, _) = routes::api(limits).split_for_parts();
+    api.fallback(|| async { ApiError::new(404, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                405,
+                "method_not_allowed",
+                "this route does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::middleware::from_fn(envelope))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            tracing::error!("a request handler panicked");
+            ApiError::internal().into_response()
+        }))
+        .with_state(state)
+}
+
+fn sane_request_id(v: &HeaderValue) -> Option<String> {
+    let s = v.to_str().ok()?;
+    (!s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+    .then(|| s.to_owned())
+}
+
+fn generic_error(status: StatusCode) -> ApiError {
+    let (code, message) = match status.as_u16() {
+        400 => ("bad_request", "the request is malformed"),
+        404 => ("not_found", "not found"),
+        405 => ("method_not_allowed", "this route does not take that method"),
+        408 => ("request_timeout", "the request took too long"),
+        413 => ("payload_too_large", "the request body is too large"),
+        415 => (
+            "unsupported_media_type",
+            "send the body as Content-Type: application/json",
+        ),
+        422 => ("validation_error", "the request does not fit the schema"),
+        429 => ("rate_limited", "too many requests"),
+        503 => ("unavailable", "the gateway cannot serve this now; retry"),
+        s if s < 500 => ("bad_request", "the request was refused"),
+        _ => (
+            "internal_error",
+            "internal error; the request was not applied",
+        ),
+    };
+    ApiError::new(status.as_u16(), code, message)
+}
+
+/// Request id in and out, a span per request, and the error shape on every failure,
+/// including the ones axum produces itself.
+async fn envelope(mut req: Request, next: Next) -> Response {
+    let rid = req
+        .headers()
+        .get("x-request-id")
+        .and_then(sane_request_id)
+        .unwrap_or_else(new_request_id);
+    req.extensions_mut().insert(RequestId(rid.clone()));
+    let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %rid, token = tracing::field::Empty);
+    let started = std::time::Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    let marker = res.extensions_mut().remove::<ErrorMarker>();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    let error = match marker {
+        Some(ErrorMarker(e)) => Some(e),
+        None if res.status().as_u16() >= 400 && !is_json => Some(generic_error(res.status())),
+        None => None,
+    };
+    if let Some(e) = error {
+        let headers = std::mem::take(res.headers_mut());
+        let status = res.status();
+        res = (status, e.body(&rid)).into_response();
+        for (k, v) in headers.iter() {
+            if k != header::CONTENT_LENGTH && k != header::CONTENT_TYPE {
+                res.headers_mut().insert(k, v.clone());
+            }
+        }
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    span.in_scope(|| {
+        tracing::debug!(
+            status = res.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        )
+    });
+    res
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then drains in-flight requests.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

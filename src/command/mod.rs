@@ -1,0 +1,382 @@
+//! Operations: one type per operation, parsed from HTTP or MQTT into [`Command`] and
+//! applied by the same code inside the store's writer, with idempotency and `If-Match`.
+
+pub mod allocation;
+pub mod snapshot;
+pub mod unit;
+pub mod upsert;
+
+use crate::api::error::ApiError;
+use crate::domain::pin::PinKey;
+use crate::domain::{EventType, FieldError};
+use crate::store::{self, Store, StoreError, events, idempotency};
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use rusqlite::Connection;
+use std::sync::Arc;
+
+/// Every mutating operation of the API.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// `reserve`.
+    Reserve(allocation::UnitAllocation),
+    /// `grant_access`.
+    GrantAccess(allocation::UnitAllocation),
+    /// `deallocate`.
+    Deallocate(allocation::UnitOnly),
+    /// `set_status` (operator states).
+    SetStatus(allocation::SetStatus),
+    /// `overlock` every occupied unit of a contact.
+    Overlock(allocation::ContactOnly),
+    /// `remove_overlock` from every overlocked unit of a contact.
+    RemoveOverlock(allocation::ContactOnly),
+    /// `POST /v1/units`.
+    CreateUnits(unit::CreateUnits),
+    /// `POST /v1/units/bulk_create`.
+    BulkCreateUnits(unit::BulkCreate),
+    /// `PATCH|PUT /v1/units/{id}`.
+    UpdateUnit(unit::UpdateUnit),
+    /// `PUT /v1/units/bulk_update`.
+    BulkUpdateUnits(unit::BulkUpdate),
+    /// `PUT /v1/unit_types/{id}`.
+    UpsertUnitType(upsert::UpsertUnitType),
+    /// `PUT /v1/contacts/{id}`.
+    UpsertContact(upsert::UpsertContact),
+    /// `PUT /v1/tenancies/{id}`.
+    UpsertTenancy(upsert::UpsertTenancy),
+    /// `PUT /v1/sync/snapshot`.
+    Snapshot(Box<snapshot::Snapshot>),
+}
+
+impl Command {
+    /// The operation name (as in MQTT topics and logs).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Reserve(_) => "reserve",
+            Command::GrantAccess(_) => "grant_access",
+            Command::Deallocate(_) => "deallocate",
+            Command::SetStatus(_) => "set_status",
+            Command::Overlock(_) => "overlock",
+            Command::RemoveOverlock(_) => "remove_overlock",
+            Command::CreateUnits(_) => "create_units",
+            Command::BulkCreateUnits(_) => "bulk_create_units",
+            Command::UpdateUnit(_) => "update_unit",
+            Command::BulkUpdateUnits(_) => "bulk_update_units",
+            Command::UpsertUnitType(_) => "upsert_unit_type",
+            Command::UpsertContact(_) => "upsert_contact",
+            Command::UpsertTenancy(_) => "upsert_tenancy",
+            Command::Snapshot(_) => "snapshot",
+        }
+    }
+
+    fn apply(self, conn: &Connection, ctx: &Context) -> Result<Applied, ApiError> {
+        match self {
+            Command::Reserve(c) => c.reserve(conn, ctx),
+            Command::GrantAccess(c) => c.grant_access(conn, ctx),
+            Command::Deallocate(c) => c.deallocate(conn, ctx),
+            Command::SetStatus(c) => c.apply(conn, ctx),
+            Command::Overlock(c) => c.overlock(conn, ctx),
+            Command::RemoveOverlock(c) => c.remove_overlock(conn, ctx),
+            Command::CreateUnits(c) => c.apply(conn, ctx),
+            Command::BulkCreateUnits(c) => c.apply(conn, ctx),
+            Command::UpdateUnit(c) => c.apply(conn, ctx),
+            Command::BulkUpdateUnits(c) => c.apply(conn, ctx),
+            Command::UpsertUnitType(c) => c.apply(conn, ctx),
+            Command::UpsertContact(c) => c.apply(conn, ctx),
+            Command::UpsertTenancy(c) => c.apply(conn, ctx),
+            Command::Snapshot(c) => c.apply(conn, ctx),
+        }
+    }
+}
+
+/// A successful result: status and the JSON body, serialized.
+#[derive(Debug)]
+pub struct Applied {
+    /// HTTP status (200 or 201).
+    pub status: u16,
+    /// The result object as JSON bytes.
+    pub body: Vec<u8>,
+}
+
+impl Applied {
+    /// 200 with a body.
+    pub fn ok(body: &impl serde::Serialize) -> Result<Self, ApiError> {
+        Self::with_status(200, body)
+    }
+
+    /// 201 with a body.
+    pub fn created(body: &impl serde::Serialize) -> Result<Self, ApiError> {
+        Self::with_status(201, body)
+    }
+
+    /// 200 or 201 with a body.
+    pub fn with_status(status: u16, body: &impl serde::Serialize) -> Result<Self, ApiError> {
+        let body = serde_json::to_vec(body).map_err(|_| ApiError::internal())?;
+        Ok(Applied { status, body })
+    }
+}
+
+/// What a command sees while it runs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Site id.
+    pub site_id: String,
+    /// Site timezone.
+    pub tz: Tz,
+    /// Key for PIN hashes.
+    pub pin_key: PinKey,
+    /// The time of the request.
+    pub now: DateTime<Utc>,
+    /// Expected unit version from `If-Match`, if any.
+    pub if_match: Option<i64>,
+}
+
+impl Context {
+    /// Today's date at the site.
+    pub fn today(&self) -> NaiveDate {
+        self.now.with_timezone(&self.tz).date_naive()
+    }
+
+    /// Appends an event to the log.
+    pub fn emit(
+        &self,
+        conn: &Connection,
+        kind: EventType,
+        data: serde_json::Value,
+    ) -> Result<i64, StoreError> {
+        events::append(conn, kind, &data, self.now)
+    }
+
+    /// Refuses with 409 when `If-Match` names another version.
+    pub fn check_version(&self, unit_id: &str, version: i64) -> Result<(), ApiError> {
+        match self.if_match {
+            Some(expected) if expected != version => Err(ApiError::new(
+                409,
+                "version_mismatch",
+                format!("unit {unit_id} is at version {version}, not {expected} (If-Match)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A request ready to run: the command plus its envelope.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The operation.
+    pub command: Command,
+    /// `Idempotency-Key` / MQTT `request_id`.
+    pub idempotency_key: Option<String>,
+    /// Hash of the operation, its ids and its canonical body: a reused key must match it.
+    pub fingerprint: [u8; 32],
+    /// `If-Match` version.
+    pub if_match: Option<i64>,
+    /// Request id for the error shape.
+    pub request_id: String,
+}
+
+/// The answer, as bytes to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Whether this is a stored reply to an earlier request with the same key.
+    pub replayed: bool,
+}
+
+/// Checks an `Idempotency-Key`.
+pub fn validate_idempotency_key(key: &str) -> Result<(), FieldError> {
+    if key.is_empty() || key.len() > 255 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(FieldError::new(
+            "Idempotency-Key",
+            "must be 1 to 255 visible ASCII characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A clock, so tests can fix "now".
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// Runs commands against the store.
+#[derive(Clone)]
+pub struct Executor {
+    store: Store,
+    site_id: String,
+    tz: Tz,
+    pin_key: PinKey,
+    clock: Clock,
+    idempotency_ttl_s: i64,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("site_id", &self.site_id)
+            .finish()
+    }
+}
+
+impl Executor {
+    /// An executor for one site.
+    pub fn new(
+        store: Store,
+        site_id: String,
+        tz: Tz,
+        pin_key: PinKey,
+        clock: Clock,
+        idempotency_ttl_s: i64,
+    ) -> Self {
+        Executor {
+            store,
+            site_id,
+            tz,
+            pin_key,
+            clock,
+            idempotency_ttl_s,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The site id.
+    pub fn site_id(&self) -> &str {
+        &self.site_id
+    }
+
+    /// Now, from the executor's clock.
+    pub fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+
+    /// Today's date at the site.
+    pub fn today(&self) -> NaiveDate {
+        self.now().with_timezone(&self.tz).date_naive()
+    }
+
+    /// Runs a command: replays a stored reply for a known key, otherwise applies it in one
+    /// transaction (all of it or none of it) and stores the reply with the key.
+    pub async fn execute(&self, env: Envelope) -> Reply {
+        let ctx = Context {
+            site_id: self.site_id.clone(),
+            tz: self.tz,
+            pin_key: self.pin_key.clone(),
+            now: self.now(),
+            if_match: env.if_match,
+        };
+        let request_id = env.request_id.clone();
+        let ttl = self.idempotency_ttl_s;
+        let op = env.command.name();
+        let result = self
+            .store
+            .write(move |conn| -> Result<Reply, StoreError> { run(conn, env, &ctx, ttl) })
+            .await;
+        match result {
+            Ok(reply) => {
+                tracing::debug!(
+                    op,
+                    status = reply.status,
+                    replayed = reply.replayed,
+                    "command"
+                );
+                reply
+            }
+            Err(e) => {
+                let e = ApiError::from(e);
+                Reply {
+                    status: e.status,
+                    body: e.body(&request_id),
+                    replayed: false,
+                }
+            }
+        }
+    }
+}
+
+fn run(conn: &Connection, env: Envelope, ctx: &Context, ttl_s: i64) -> Result<Reply, StoreError> {
+    let now_unix = ctx.now.timestamp();
+    if let Some(key) = &env.idempotency_key {
+        if let Some(stored) = idempotency::get(conn, key)? {
+            if stored.fingerprint == env.fingerprint {
+                return Ok(Reply {
+                    status: stored.status,
+                    body: stored.body,
+                    replayed: true,
+                });
+            }
+            let e = ApiError::new(
+                422,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used for a different request; use a new key",
+            );
+            return Ok(Reply {
+                status: e.status,
+                body: e.body(&env.request_id),
+                replayed: false,
+            });
+        }
+        purge_expired(conn, now_unix - ttl_s)?;
+    }
+    let outcome = store::atomically(conn, |c| env.command.apply(c, ctx));
+    let (status, body) = match outcome {
+        Ok(applied) => (applied.status, applied.body),
+        Err(e) => (e.status, e.body(&env.request_id)),
+    };
+    // Server faults are not final: the client may retry them with the same key.
+    if let Some(key) = &env.idempotency_key
+        && status < 500
+    {
+        let stored = idempotency::StoredReply {
+            fingerprint: env.fingerprint.to_vec(),
+            status,
+            body,
+        };
+        idempotency::put(conn, key, &stored, now_unix)?;
+        return Ok(Reply {
+            status,
+            body: stored.body,
+            replayed: false,
+        });
+    }
+    Ok(Reply {
+        status,
+        body,
+        replayed: false,
+    })
+}
+
+/// Purges expired keys now and then (at most once a minute per process).
+fn purge_expired(conn: &Connection, cutoff: i64) -> Result<(), StoreError> {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = cutoff;
+    if now - LAST.load(Ordering::Relaxed) >= 60 {
+        LAST.store(now, Ordering::Relaxed);
+        let n = idempotency::purge(conn, cutoff)?;
+        if n > 0 {
+            tracing::debug!(purged = n, "idempotency keys expired");
+        }
+    }
+    Ok(())
+}
+
+/// Checks a free-text `by` field.
+pub fn check_by(by: &Option<String>) -> Result<(), ApiError> {
+    match by {
+        Some(b) if b.len() > 128 => Err(ApiError::validation(vec![FieldError::new(
+            "by",
+            "must be at most 128 characters",
+        )])),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,527 @@
+//! Unit create and update (storEDGE shapes): single, comma-separated names, bulk.
+
+use super::{Applied, Context};
+use crate::api::error::{ApiError, BulkItemError};
+use crate::domain::unit::{NewUnit, UnitInput, UnitPatch, UnitRecord, changed_fields};
+use crate::domain::{EventType, FieldError};
+use crate::model::{UnitEnvelope, UnitView, UnitsResult};
+use crate::store::{StoreError, people, units};
+use rusqlite::Connection;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use utoipa::ToSchema;
+
+/// Most units one request may create or update.
+pub const MAX_BULK: usize = 1000;
+
+/// `POST /v1/units` body.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUnits {
+    /// The unit; `name` may list several comma-separated names.
+    pub unit: UnitInput,
+}
+
+/// `PATCH|PUT /v1/units/{id}` body.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UnitPatchBody {
+    /// The fields to change.
+    pub unit: UnitPatch,
+}
+
+/// Update of one unit.
+#[derive(Debug, Clone)]
+pub struct UpdateUnit {
+    /// Unit id (path).
+    pub unit_id: String,
+    /// Changes.
+    pub patch: UnitPatch,
+}
+
+/// `POST /v1/units/bulk_create`, parsed item by item.
+#[derive(Debug, Clone)]
+pub struct BulkCreate {
+    /// The units.
+    pub units: Vec<UnitInput>,
+}
+
+/// `PUT /v1/units/bulk_update`, parsed item by item.
+#[derive(Debug, Clone)]
+pub struct BulkUpdate {
+    /// The changes, each with its `id`.
+    pub units: Vec<UnitPatch>,
+}
+
+/// Bulk request body as it arrives (items are checked one by one).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkBody {
+    /// The units.
+    #[schema(value_type = Vec<Object>)]
+    pub units: Vec<Value>,
+}
+
+/// Deserializes a value, naming the field at fault.
+pub fn parse_at<T: DeserializeOwned>(v: Value, prefix: &str) -> Result<T, FieldError> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let mut path = e.path().to_string();
+        let message = e.into_inner().to_string();
+        // Missing and unknown fields are reported at the parent: name the field itself.
+        for lead in ["missing field `", "unknown field `"] {
+            if let Some(rest) = message.strip_prefix(lead)
+                && let Some((name, _)) = rest.split_once('`')
+            {
+                path = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+            }
+        }
+        let field = match (prefix.is_empty(), path.as_str()) {
+            (_, ".") => prefix.to_owned(),
+            (true, p) => p.to_owned(),
+            (false, p) => format!("{prefix}.{p}"),
+        };
+        // serde's messages name the type, not the value: safe to show (no PIN echo).
+        FieldError::new(
+            if field.is_empty() {
+                "body".to_owned()
+            } else {
+                field
+            },
+            message,
+        )
+    })
+}
+
+type ErrorHash = BTreeMap<String, Vec<BulkItemError>>;
+
+fn hash_key(field: &str) -> String {
+    field.split(['.', '[']).next().unwrap_or(field).to_owned()
+}
+
+fn push(
+    hash: &mut ErrorHash,
+    field: &str,
+    id: Option<&str>,
+    name: Option<&str>,
+    message: impl Into<String>,
+) {
+    hash.entry(hash_key(field))
+        .or_default()
+        .push(BulkItemError {
+            id: id.map(str::to_owned),
+            name: name.map(str::to_owned),
+            message: message.into(),
+        });
+}
+
+fn item_name(v: &Value) -> Option<String> {
+    v.get("name").and_then(Value::as_str).map(str::to_owned)
+}
+
+fn item_id(v: &Value) -> Option<String> {
+    v.get("id").and_then(Value::as_str).map(str::to_owned)
+}
+
+impl BulkCreate {
+    /// Parses every item; all problems go into one `error_hash` (400).
+    pub fn parse(body: BulkBody) -> Result<Self, ApiError> {
+        let mut hash = ErrorHash::new();
+        let mut out = Vec::new();
+        check_bulk_len(body.units.len())?;
+        for v in body.units {
+            let (id, name) = (item_id(&v), item_name(&v));
+            match parse_at::<UnitInput>(v, "") {
+                Ok(u) => out.push(u),
+                Err(e) => push(
+                    &mut hash,
+                    &e.field,
+                    id.as_deref(),
+                    name.as_deref(),
+                    e.message,
+                ),
+            }
+        }
+        if hash.is_empty() {
+            Ok(BulkCreate { units: out })
+        } else {
+            Err(ApiError::bulk(400, hash))
+        }
+    }
+}
+
+impl BulkUpdate {
+    /// Parses every item; each needs an `id`.
+    pub fn parse(body: BulkBody) -> Result<Self, ApiError> {
+        let mut hash = ErrorHash::new();
+        let mut out = Vec::new();
+        check_bulk_len(body.units.len())?;
+        for v in body.units {
+            let (id, name) = (item_id(&v), item_name(&v));
+            match parse_at::<UnitPatch>(v, "") {
+                Ok(p) if p.id.is_none() => {
+                    push(&mut hash, "id", None, name.as_deref(), "is required")
+                }
+                Ok(p) => out.push(p),
+                Err(e) => push(
+                    &mut hash,
+                    &e.field,
+                    id.as_deref(),
+                    name.as_deref(),
+                    e.message,
+                ),
+            }
+        }
+        if hash.is_empty() {
+            Ok(BulkUpdate { units: out })
+        } else {
+            Err(ApiError::bulk(400, hash))
+        }
+    }
+}
+
+fn check_bulk_len(n: usize) -> Result<(), ApiError> {
+    if n == 0 || n > MAX_BULK {
+        return Err(ApiError::validation(vec![FieldError::new(
+            "units",
+            format!("must hold 1 to {MAX_BULK} units"),
+        )]));
+    }
+    Ok(())
+}
+
+/// One unit's problem found against the replica.
+struct Problem {
+    field: &'static str,
+    id: Option<String>,
+    name: String,
+    message: String,
+}
+
+impl Problem {
+    fn new(
+        field: &'static str,
+        id: Option<&String>,
+        name: &str,
+        message: impl Into<String>,
+    ) -> Self {
+        Problem {
+            field,
+            id: id.cloned(),
+            name: name.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks new units against the replica (unit type, names, ids) and builds their records.
+fn plan_creates(
+    conn: &Connection,
+    inputs: Vec<NewUnit>,
+) -> Result<(Vec<UnitRecord>, Vec<Problem>), StoreError> {
+    let mut problems = Vec::new();
+    let mut records = Vec::new();
+    let mut names_seen = HashSet::new();
+    let mut ids_seen = HashSet::new();
+    let mut types_ok: HashMap<String, bool> = HashMap::new();
+    for new in inputs {
+        let type_ok = match types_ok.get(&new.unit_type_id) {
+            Some(ok) => *ok,
+            None => {
+                let ok = people::unit_type(conn, &new.unit_type_id)?.is_some();
+                types_ok.insert(new.unit_type_id.clone(), ok);
+                ok
+            }
+        };
+        let first = new.names.first().cloned().unwrap_or_default();
+        if !type_ok {
+            let m = format!("unknown unit type {:?}", new.unit_type_id);
+            problems.push(Problem::new("unit_type", new.id.as_ref(), &first, m));
+        }
+        if new.status != crate::domain::UnitStatus::Available {
+            let m = "new units start available; use the allocation operations";
+            problems.push(Problem::new("status", new.id.as_ref(), &first, m));
+        }
+        if let Some(id) = &new.id
+            && (units::get(conn, id)?.is_some() || !ids_seen.insert(id.clone()))
+        {
+            problems.push(Problem::new(
+                "id",
+                Some(id),
+                &first,
+                "has already been taken",
+            ));
+        }
+        for name in &new.names {
+            if units::id_by_name(conn, name)?.is_some() || !names_seen.insert(name.clone()) {
+                problems.push(Problem::new(
+                    "name",
+                    new.id.as_ref(),
+                    name,
+                    "has already been taken",
+                ));
+            }
+            records.push(UnitRecord {
+                id: new
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+                name: name.clone(),
+                unit_type_id: new.unit_type_id.clone(),
+                status: new.status,
+                attrs: new.attrs.clone(),
+                bindings: new.bindings.clone(),
+                version: 1,
+            });
+        }
+    }
+    Ok((records, problems))
+}
+
+fn insert_all(
+    conn: &Connection,
+    ctx: &Context,
+    records: &[UnitRecord],
+) -> Result<Vec<UnitView>, ApiError> {
+    let mut views = Vec::with_capacity(records.len());
+    for r in records {
+        units::insert(conn, r, ctx.now)?;
+        ctx.emit(
+            conn,
+            EventType::UnitCreated,
+            json!({ "unit_id": r.id, "name": r.name, "status": r.status }),
+        )?;
+    }
+    for r in records {
+        let row = units::get(conn, &r.id)?.ok_or_else(ApiError::internal)?;
+        views.push(row.view());
+    }
+    Ok(views)
+}
+
+impl CreateUnits {
+    /// Creates one unit per comma-separated name.
+    pub fn apply(self, conn: &Connection, ctx: &Context) -> Result<Applied, ApiError> {
+        let new = self.unit.into_new(true).map_err(|errs| {
+            ApiError::validation(
+                errs.into_iter()
+                    .map(|e| FieldError::new(format!("unit.{}", e.field), e.message))
+                    .collect(),
+            )
+        })?;
+        let (records, problems) = plan_creates(conn, vec![new])?;
+        if !problems.is_empty() {
+            return Err(ApiError::validation(
+                problems
+                    .into_iter()
+                    .map(|p| {
+                        FieldError::new(
+                            format!("unit.{}", p.field),
+                            format!("{}: {}", p.name, p.message),
+                        )
+                    })
+                    .collect(),
+            ));
+        }
+        let views = insert_all(conn, ctx, &records)?;
+        Applied::created(&UnitsResult { units: views })
+    }
+}
+
+impl BulkCreate {
+    /// Creates every unit or none.
+    pub fn apply(self, conn: &Connection, ctx: &Context) -> Result<Applied, ApiError> {
+        let mut hash = ErrorHash::new();
+        let mut news = Vec::new();
+        for input in self.units {
+            let (id, name) = (input.id.clone(), input.name.clone());
+            match input.into_new(false) {
+                Ok(n) => news.push(n),
+                Err(errs) => {
+                    for e in errs {
+                        push(
+                            &mut hash,
+                            &e.field,
+                            id.as_deref(),
+                            name.as_deref(),
+                            e.message,
+                        );
+                    }
+                }
+            }
+        }
+        let (records, problems) = plan_creates(conn, news)?;
+        for p in problems {
+            push(
+                &mut hash,
+                p.field,
+                p.id.as_deref(),
+                Some(&p.name),
+                p.message,
+            );
+        }
+        if !hash.is_empty() {
+            return Err(ApiError::bulk(400, hash));
+        }
+        let views = insert_all(conn, ctx, &records)?;
+        Applied::created(&UnitsResult { units: views })
+    }
+}
+
+/// Writes changed units (a rename chain or swap within the set is fine) and emits
+/// `unit.updated` for each. Unchanged units are not touched. Returns the ids written.
+pub fn write_updates(
+    conn: &Connection,
+    ctx: &Context,
+    changes: &[(UnitRecord, UnitRecord)],
+) -> Result<Vec<String>, ApiError> {
+    let changed: Vec<_> = changes
+        .iter()
+        .map(|(old, new)| (old, new, changed_fields(old, new)))
+        .filter(|(_, _, fields)| !fields.is_empty())
+        .collect();
+    // Park renamed units on a name no unit can have, so swaps don't trip the unique index.
+    for (old, new, _) in &changed {
+        if old.name != new.name {
+            conn.prepare_cached("UPDATE units SET name = ?2 WHERE id = ?1")
+                .and_then(|mut s| s.execute(rusqlite::params![old.id, format!("\u{1}{}", old.id)]))
+                .map_err(StoreError::from)?;
+        }
+    }
+    let mut ids = Vec::with_capacity(changed.len());
+    for (old, new, fields) in changed {
+        let mut next = new.clone();
+        next.version = old.version + 1;
+        units::update(conn, &next, ctx.now)?;
+        let mut data = json!({ "unit_id": next.id, "changed": fields, "version": next.version });
+        if old.status != next.status {
+            data["from"] = json!(old.status);
+            data["to"] = json!(next.status);
+        }
+        ctx.emit(conn, EventType::UnitUpdated, data)?;
+        ids.push(next.id.clone());
+    }
+    Ok(ids)
+}
+
+/// Checks a batch of patched units against the replica: unit types exist and names stay unique.
+fn check_patched(
+    conn: &Connection,
+    patched: &[(UnitRecord, UnitRecord)],
+) -> Result<Vec<Problem>, StoreError> {
+    let mut problems = Vec::new();
+    let moving: HashSet<&str> = patched.iter().map(|(o, _)| o.id.as_str()).collect();
+    let mut names = HashSet::new();
+    for (old, new) in patched {
+        if old.unit_type_id != new.unit_type_id
+            && people::unit_type(conn, &new.unit_type_id)?.is_none()
+        {
+            let m = format!("unknown unit type {:?}", new.unit_type_id);
+            problems.push(Problem::new("unit_type", Some(&new.id), &new.name, m));
+        }
+        let holder = units::id_by_name(conn, &new.name)?;
+        let taken_elsewhere = holder.is_some_and(|h| h != new.id && !moving.contains(h.as_str()));
+        if taken_elsewhere || !names.insert(new.name.clone()) {
+            problems.push(Problem::new(
+                "name",
+                Some(&new.id),
+                &new.name,
+                "has already been taken",
+            ));
+        }
+    }
+    Ok(problems)
+}
+
+impl UpdateUnit {
+    /// PATCH/PUT: omitted fields unchanged.
+    pub fn apply(self, conn: &Connection, ctx: &Context) -> Result<Applied, ApiError> {
+        let row = units::get(conn, &self.unit_id)?
+            .ok_or_else(|| ApiError::not_found("unit", &self.unit_id))?;
+        ctx.check_version(&self.unit_id, row.record.version)?;
+        if self.patch.id.as_ref().is_some_and(|id| *id != self.unit_id) {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "unit.id",
+                "does not match the unit in the path",
+            )]));
+        }
+        let new = self.patch.apply(&row.record).map_err(|errs| {
+            ApiError::validation(
+                errs.into_iter()
+                    .map(|e| FieldError::new(format!("unit.{}", e.field), e.message))
+                    .collect(),
+            )
+        })?;
+        let pair = vec![(row.record.clone(), new)];
+        let problems = check_patched(conn, &pair)?;
+        if !problems.is_empty() {
+            return Err(ApiError::validation(
+                problems
+                    .into_iter()
+                    .map(|p| FieldError::new(format!("unit.{}", p.field), p.message))
+                    .collect(),
+            ));
+        }
+        write_updates(conn, ctx, &pair)?;
+        let row = units::get(conn, &self.unit_id)?.ok_or_else(ApiError::internal)?;
+        Applied::ok(&UnitEnvelope { unit: row.view() })
+    }
+}
+
+impl BulkUpdate {
+    /// Updates every unit or none.
+    pub fn apply(self, conn: &Connection, ctx: &Context) -> Result<Applied, ApiError> {
+        let mut hash = ErrorHash::new();
+        let mut missing = ErrorHash::new();
+        let mut pairs = Vec::new();
+        let mut seen = HashSet::new();
+        for patch in self.units {
+            let id = patch.id.clone().unwrap_or_default();
+            if !seen.insert(id.clone()) {
+                push(&mut hash, "id", Some(&id), None, "is given twice");
+                continue;
+            }
+            let Some(row) = units::get(conn, &id)? else {
+                push(&mut missing, "id", Some(&id), None, "not found");
+                continue;
+            };
+            match patch.apply(&row.record) {
+                Ok(new) => pairs.push((row.record, new)),
+                Err(errs) => {
+                    for e in errs {
+                        push(
+                            &mut hash,
+                            &e.field,
+                            Some(&id),
+                            Some(&row.record.name),
+                            e.message,
+                        );
+                    }
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(ApiError::bulk(404, missing));
+        }
+        for p in check_patched(conn, &pairs)? {
+            push(
+                &mut hash,
+                p.field,
+                p.id.as_deref(),
+                Some(&p.name),
+                p.message,
+            );
+        }
+        if !hash.is_empty() {
+            return Err(ApiError::bulk(400, hash));
+        }
+        write_updates(conn, ctx, &pairs)?;
+        let mut views = Vec::with_capacity(pairs.len());
+        for (old, _) in &pairs {
+            let row = units::get(conn, &old.id)?.ok_or_else(ApiError::internal)?;
+            views.push(row.view());
+        }
+        Applied::ok(&UnitsResult { units: views })
+    }
+}

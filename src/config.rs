@@ -1,0 +1,441 @@
+//! Configuration: a TOML file plus `UNITGATE__SECTION__KEY` environment overrides, every
+//! key defaulted, then [`Config::validate`] names each bad key.
+
+use crate::domain::hours::AccessHours;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The site this gateway serves.
+    pub site: SiteConfig,
+    /// The SQLite replica.
+    pub store: StoreConfig,
+    /// The HTTP API.
+    pub api: ApiConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// `[site]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Site id (cloud id). Required.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// IANA timezone, e.g. `Europe/London`.
+    pub timezone: String,
+    /// Gate access hours per weekday.
+    pub access_hours: AccessHours,
+    /// Reserved → occupied on the start date.
+    pub auto_occupy: bool,
+    /// Site-local time of the automatic move-in.
+    pub auto_occupy_at: String,
+    /// Deallocate when a tenancy's end date has passed.
+    pub auto_deallocate: bool,
+    /// Overlock on `payment.failed`.
+    pub auto_overlock: bool,
+}
+
+impl Default for SiteConfig {
+    fn default() -> Self {
+        SiteConfig {
+            id: String::new(),
+            name: String::new(),
+            timezone: "UTC".into(),
+            access_hours: AccessHours::always(),
+            auto_occupy: true,
+            auto_occupy_at: "06:00".into(),
+            auto_deallocate: true,
+            auto_overlock: false,
+        }
+    }
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Directory for the database and the PIN key.
+    pub data_dir: PathBuf,
+    /// File with the 32-byte PIN hash key; empty = `<data_dir>/pin.key`, created on first start.
+    pub pin_key_file: PathBuf,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            data_dir: PathBuf::from("/var/lib/unitgate"),
+            pin_key_file: PathBuf::new(),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The database file.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("unitgate.db")
+    }
+
+    /// The PIN key file.
+    pub fn pin_key_path(&self) -> PathBuf {
+        if self.pin_key_file.as_os_str().is_empty() {
+            self.data_dir.join("pin.key")
+        } else {
+            self.pin_key_file.clone()
+        }
+    }
+}
+
+/// A bearer token: only its SHA-256 is configured.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Who holds it (for logs).
+    pub name: String,
+    /// Hex SHA-256 of the token.
+    pub sha256: String,
+    /// Scopes: `read`, `allocations:write`, `units:write`, `admin`.
+    pub scopes: Vec<String>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("name", &self.name)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[api]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address.
+    pub listen: String,
+    /// Serve plain HTTP (no TLS). Only for localhost demos or behind a TLS terminator.
+    pub plain_http: bool,
+    /// PEM certificate chain for HTTPS.
+    pub tls_cert: PathBuf,
+    /// PEM private key for HTTPS.
+    pub tls_key: PathBuf,
+    /// Largest request body, except the snapshot.
+    pub max_body_bytes: usize,
+    /// Largest `PUT /v1/sync/snapshot` body.
+    pub max_snapshot_bytes: usize,
+    /// How long idempotency keys are remembered.
+    pub idempotency_ttl_hours: u32,
+    /// Bearer tokens.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: "127.0.0.1:8443".into(),
+            plain_http: false,
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
+            max_body_bytes: 1 << 20,
+            max_snapshot_bytes: 64 << 20,
+            idempotency_ttl_hours: 48,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// Filter, e.g. `info` or `unitgate=debug`.
+    pub level: String,
+    /// `auto` (human on a terminal, JSON otherwise), `human` or `json`.
+    pub format: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: "auto".into(),
+        }
+    }
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key, e.g. `site.timezone`.
+    pub key: String,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an override does not parse.
+    #[error("cannot load configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// Values are out of range.
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+/// Scopes a token may carry.
+pub const SCOPES: [&str; 4] = ["read", "allocations:write", "units:write", "admin"];
+
+impl Config {
+    /// Loads `path` (if given) and `UNITGATE__SECTION__KEY` overrides, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let cfg = Self::load_unchecked(path)?;
+        cfg.validate().map_err(ConfigError::Invalid)?;
+        Ok(cfg)
+    }
+
+    /// Loads without validating.
+    pub fn load_unchecked(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut b = config::Config::builder();
+        if let Some(p) = path {
+            b = b.add_source(
+                config::File::from(p)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        Self::finish(b)
+    }
+
+    /// Loads from TOML text plus environment overrides, without validating.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        Self::finish(
+            config::Config::builder()
+                .add_source(config::File::from_str(text, config::FileFormat::Toml)),
+        )
+    }
+
+    fn finish(
+        b: config::ConfigBuilder<config::builder::DefaultState>,
+    ) -> Result<Config, ConfigError> {
+        let b = b.add_source(
+            config::Environment::with_prefix("UNITGATE")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        Ok(b.build()?.try_deserialize()?)
+    }
+
+    /// Every problem, each naming its key.
+    pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
+        let mut p = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            p.push(ConfigProblem {
+                key: key.to_owned(),
+                message,
+            })
+        };
+        if let Err(m) = crate::domain::unit::validate_id(&self.site.id) {
+            bad("site.id", format!("{m} (the site's cloud id; required)"));
+        }
+        if self.site.timezone.parse::<chrono_tz::Tz>().is_err() {
+            bad(
+                "site.timezone",
+                format!(
+                    "{:?} is not an IANA timezone (e.g. \"Europe/London\")",
+                    self.site.timezone
+                ),
+            );
+        }
+        if let Err(errs) = self.site.access_hours.validate() {
+            for e in errs {
+                bad(&format!("site.access_hours.{}", e.field), e.message);
+            }
+        }
+        if chrono::NaiveTime::parse_from_str(&self.site.auto_occupy_at, "%H:%M").is_err() {
+            bad(
+                "site.auto_occupy_at",
+                format!("{:?} is not a time \"HH:MM\"", self.site.auto_occupy_at),
+            );
+        }
+        if self.store.data_dir.as_os_str().is_empty() {
+            bad(
+                "store.data_dir",
+                "must be set (e.g. /var/lib/unitgate)".into(),
+            );
+        }
+        if self.api.listen.parse::<SocketAddr>().is_err() {
+            bad(
+                "api.listen",
+                format!(
+                    "{:?} is not an address \"IP:PORT\" (e.g. \"0.0.0.0:8443\")",
+                    self.api.listen
+                ),
+            );
+        }
+        if !self.api.plain_http {
+            if self.api.tls_cert.as_os_str().is_empty() {
+                bad(
+                    "api.tls_cert",
+                    "required unless api.plain_http = true (a PEM certificate chain)".into(),
+                );
+            }
+            if self.api.tls_key.as_os_str().is_empty() {
+                bad(
+                    "api.tls_key",
+                    "required unless api.plain_http = true (a PEM private key)".into(),
+                );
+            }
+        }
+        if !(1024..=(64 << 20)).contains(&self.api.max_body_bytes) {
+            bad(
+                "api.max_body_bytes",
+                "must be between 1024 and 67108864".into(),
+            );
+        }
+        if !(1024..=(1 << 30)).contains(&self.api.max_snapshot_bytes) {
+            bad(
+                "api.max_snapshot_bytes",
+                "must be between 1024 and 1073741824".into(),
+            );
+        }
+        if self.api.idempotency_ttl_hours == 0 {
+            bad("api.idempotency_ttl_hours", "must be at least 1".into());
+        }
+        if self.api.tokens.is_empty() {
+            bad(
+                "api.tokens",
+                "no API tokens: add [[api.tokens]] with name, sha256 and scopes (see `unitgate token`)".into(),
+            );
+        }
+        for (i, t) in self.api.tokens.iter().enumerate() {
+            let key = format!("api.tokens[{i}]");
+            if t.name.is_empty() {
+                bad(&format!("{key}.name"), "must be set".into());
+            }
+            if t.sha256.len() != 64 || hex::decode(&t.sha256).is_err() {
+                bad(
+                    &format!("{key}.sha256"),
+                    "must be 64 hex digits: the SHA-256 of the token, never the token itself"
+                        .into(),
+                );
+            }
+            if t.scopes.is_empty() {
+                bad(
+                    &format!("{key}.scopes"),
+                    format!("must name at least one of {}", SCOPES.join(", ")),
+                );
+            }
+            for s in &t.scopes {
+                if !SCOPES.contains(&s.as_str()) {
+                    bad(
+                        &format!("{key}.scopes"),
+                        format!(
+                            "unknown scope {s:?} (expected one of {})",
+                            SCOPES.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        if !["auto", "human", "json"].contains(&self.log.format.as_str()) {
+            bad(
+                "log.format",
+                format!("{:?} is not auto, human or json", self.log.format),
+            );
+        }
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            bad(
+                "log.level",
+                format!("{:?} is not a log filter (e.g. \"info\")", self.log.level),
+            );
+        }
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// The site timezone (valid after `validate`).
+    pub fn tz(&self) -> chrono_tz::Tz {
+        self.site.timezone.parse().unwrap_or(chrono_tz::UTC)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> String {
+        format!(
+            r#"
+            [site]
+            id = "site-1"
+            timezone = "Europe/London"
+            [store]
+            data_dir = "/tmp/x"
+            [api]
+            plain_http = true
+            [[api.tokens]]
+            name = "cloud"
+            sha256 = "{}"
+            scopes = ["admin"]
+            "#,
+            "a".repeat(64)
+        )
+    }
+
+    #[test]
+    fn defaults_fill_every_key() {
+        let c = Config::from_toml(&minimal()).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.api.max_body_bytes, 1 << 20);
+        assert!(c.site.auto_occupy);
+        assert_eq!(c.site.auto_occupy_at, "06:00");
+    }
+
+    #[test]
+    fn problems_name_their_keys() {
+        let text = minimal()
+            .replace("Europe/London", "Mars/Olympus")
+            .replace("\"admin\"", "\"root\"")
+            .replace("plain_http = true", "plain_http = false");
+        let c = Config::from_toml(&text).unwrap();
+        let keys: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "site.timezone",
+                "api.tls_cert",
+                "api.tls_key",
+                "api.tokens[0].scopes"
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let text = minimal().replace("[store]", "[store]\ndata_dri = \"/x\"");
+        assert!(Config::from_toml(&text).is_err());
+    }
+}

@@ -1,0 +1,161 @@
+//! `unitgate demo`: a demo site (3 unit types, 60 units over 2 zones, 20 contacts and
+//! tenancies in mixed states) seeded through the same snapshot operation the cloud uses.
+
+use crate::command::snapshot::Snapshot;
+use crate::command::{Command, Envelope, Executor};
+use crate::store::units;
+use chrono::{Days, NaiveDate};
+use serde_json::{Value, json};
+
+/// The demo's configuration file, built in so the demo runs from any directory.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+/// The demo snapshot for a site whose local date is `today`.
+pub fn snapshot(today: NaiveDate) -> Value {
+    let day = |offset: i64| -> String {
+        if offset >= 0 {
+            today.checked_add_days(Days::new(offset as u64))
+        } else {
+            today.checked_sub_days(Days::new(offset.unsigned_abs()))
+        }
+        .unwrap_or(today)
+        .to_string()
+    };
+    let unit_types = json!([
+        {"id": "small", "name": "Small 5x5"},
+        {"id": "medium", "name": "Medium 10x10"},
+        {"id": "large", "name": "Large 10x20"},
+    ]);
+    let mut units = Vec::new();
+    for (block, zone, access) in [("A", "main-gate", "indoor"), ("B", "east-gate", "outdoor")] {
+        for n in 1..=30 {
+            let (kind, w, l, rate) = match n % 3 {
+                1 => ("small", 5, 5, 45.0),
+                2 => ("medium", 10, 10, 95.0),
+                _ => ("large", 10, 20, 170.0),
+            };
+            let relay = if block == "B" {
+                json!({"kind": "relay", "board": "relay-1", "coil": n + 1})
+            } else {
+                json!({"kind": "smart_lock", "id": format!("lock-{block}{n:02}")})
+            };
+            units.push(json!({
+                "id": format!("u-{block}{n:02}"), "name": format!("{block}{n:02}"), "unit_type": kind,
+                "width": w, "length": l, "height": 8, "door_height": 7, "door_width": w.min(8),
+                "door_type": if block == "A" { "swing" } else { "roll_up" }, "access_type": access,
+                "standard_rate": rate, "walk_thru_order": n, "floor": if block == "A" { json!(1) } else { Value::Null },
+                "zones": [zone], "lock": relay,
+                "door_sensor": if block == "B" { json!({"board": "relay-1", "input": n}) } else { Value::Null },
+                "status": "available",
+            }));
+        }
+    }
+    let mut contacts = Vec::new();
+    let mut tenancies = Vec::new();
+    let mut allocations = Vec::new();
+    let mut allocate = |units: &mut Vec<Value>,
+                        unit: &str,
+                        tenancy: &str,
+                        status: &str,
+                        granted: bool| {
+        if let Some(u) = units.iter_mut().find(|u| u["id"] == unit) {
+            u["status"] = json!(status);
+        }
+        allocations.push(json!({
+            "id": format!("alloc-{unit}"), "unit_id": unit, "tenancy_id": tenancy,
+            "reserved_at": format!("{}T09:00:00.000Z", day(-40)), "reserved_by": "demo",
+            "granted_access_at": if granted { json!(format!("{}T06:00:00.000Z", day(-30))) } else { Value::Null },
+            "granted_access_by": if granted { json!("demo") } else { Value::Null },
+        }));
+    };
+    for n in 1..=20 {
+        let c = format!("c-{n:02}");
+        let t = format!("t-{n:02}");
+        contacts.push(json!({
+            "id": c, "name": format!("Demo Tenant {n:02}"), "access_code": format!("{}", 100000 + n * 7),
+        }));
+        let (start, state) = match n {
+            14..=16 => (day(7), "upcoming"),
+            19 => (day(3), "upcoming"),
+            20 => (day(0), "active"),
+            _ => (day(-30), "active"),
+        };
+        tenancies.push(json!({"id": t, "contact_id": c, "start_date": start, "state": state}));
+        let a = format!("u-A{n:02}");
+        match n {
+            1..=10 => allocate(&mut units, &a, &t, "occupied", true),
+            11..=13 => allocate(&mut units, &a, &t, "overlocked", true),
+            14..=16 => allocate(&mut units, &a, &t, "reserved", false),
+            17 => {
+                allocate(&mut units, &a, &t, "occupied", true);
+                allocate(&mut units, "u-B17", &t, "occupied", true);
+            }
+            18 => allocate(&mut units, &a, &t, "repossessed", true),
+            _ => {}
+        }
+        if (1..=5).contains(&n) {
+            allocate(&mut units, &format!("u-B{n:02}"), &t, "occupied", true);
+        }
+    }
+    for u in units.iter_mut() {
+        if u["id"] == "u-B29" || u["id"] == "u-B30" {
+            u["status"] = json!("unavailable");
+        }
+    }
+    json!({
+        "unit_types": unit_types, "units": units, "contacts": contacts,
+        "tenancies": tenancies, "allocations": allocations,
+    })
+}
+
+/// Errors seeding the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// The built-in snapshot does not parse (a bug).
+    #[error("demo snapshot: {0}")]
+    Snapshot(#[from] serde_json::Error),
+    /// The replica refused it.
+    #[error("seeding the demo site failed ({status}): {body}")]
+    Refused {
+        /// Status.
+        status: u16,
+        /// Body.
+        body: String,
+    },
+    /// Store trouble.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+/// Seeds the demo site unless the replica already holds units. Returns whether it seeded.
+pub async fn seed(executor: &Executor) -> Result<bool, DemoError> {
+    let filter = units::UnitFilter {
+        limit: 1,
+        ..Default::default()
+    };
+    let (_, total) = executor
+        .store()
+        .read(move |c| units::list(c, &filter))
+        .await?;
+    if total > 0 {
+        return Ok(false);
+    }
+    let today = executor.today();
+    let snapshot: Snapshot = serde_json::from_value(snapshot(today))?;
+    let reply = executor
+        .execute(Envelope {
+            command: Command::Snapshot(Box::new(snapshot)),
+            idempotency_key: None,
+            fingerprint: [0; 32],
+            if_match: None,
+            request_id: "demo-seed".into(),
+        })
+        .await;
+    if reply.status != 200 {
+        return Err(DemoError::Refused {
+            status: reply.status,
+            body: String::from_utf8_lossy(&reply.body).into_owned(),
+        });
+    }
+    Ok(true)
+}

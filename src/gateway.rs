@@ -1,0 +1,190 @@
+//! Starts the gateway's parts in order (store, executor, HTTP) and stops them cleanly.
+
+use crate::api::http::{self, Limits, auth::Tokens};
+use crate::command::{Clock, Executor};
+use crate::config::Config;
+use crate::domain::pin::PinKey;
+use crate::store::{Store, StoreError, site};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Errors starting the gateway.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The replica could not be opened.
+    #[error("cannot open the replica: {0}")]
+    Store(#[from] StoreError),
+    /// The PIN key could not be read or created.
+    #[error("PIN key {path}: {message}")]
+    PinKey {
+        /// The key file.
+        path: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The API address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// HTTPS is configured but not available in this build yet.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// Where the HTTP API listens.
+    pub addr: SocketAddr,
+    /// The command executor (tests and the demo use it directly).
+    pub executor: Executor,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+/// Reads the PIN key, creating it (0600, 32 random bytes) on first start.
+pub fn load_pin_key(path: &Path) -> Result<PinKey, GatewayError> {
+    let err = |message: String| GatewayError::PinKey {
+        path: path.display().to_string(),
+        message,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let key: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| {
+                err(format!("must hold exactly 32 bytes, not {}", b.len()))
+            })?;
+            Ok(PinKey::new(key))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key: [u8; 32] = rand::random();
+            let mut opts = std::fs::OpenOptions::new();
+            opts.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+            let mut f = opts.open(path).map_err(|e| err(e.to_string()))?;
+            f.write_all(&key)
+                .and_then(|_| f.sync_all())
+                .map_err(|e| err(e.to_string()))?;
+            tracing::info!(path = %path.display(), "created a new PIN key");
+            Ok(PinKey::new(key))
+        }
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Opens the replica for the configured site (blocking work runs off the runtime).
+pub async fn open_store(cfg: &Config, clock: &Clock) -> Result<Store, GatewayError> {
+    let db = cfg.store.db_path();
+    let data_dir = cfg.store.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || -> Result<Store, StoreError> {
+        std::fs::create_dir_all(&data_dir)?;
+        Store::open(&db)
+    })
+    .await
+    .map_err(|_| StoreError::Closed)??;
+    let settings = serde_json::json!({
+        "access_hours": cfg.site.access_hours,
+        "auto_occupy": cfg.site.auto_occupy,
+        "auto_occupy_at": cfg.site.auto_occupy_at,
+        "auto_deallocate": cfg.site.auto_deallocate,
+        "auto_overlock": cfg.site.auto_overlock,
+    });
+    let (id, name, tz, now) = (
+        cfg.site.id.clone(),
+        cfg.site.name.clone(),
+        cfg.site.timezone.clone(),
+        clock(),
+    );
+    store
+        .write(move |c| site::ensure(c, &id, &name, &tz, &settings, now))
+        .await?;
+    Ok(store)
+}
+
+impl Gateway {
+    /// Starts everything for a validated config; the API listens before this returns.
+    pub async fn start(cfg: &Config, clock: Clock) -> Result<Gateway, GatewayError> {
+        if !cfg.api.plain_http {
+            return Err(GatewayError::Unsupported(
+                "HTTPS (api.tls_cert/api.tls_key) is not built yet; set api.plain_http = true behind a TLS terminator"
+                    .into(),
+            ));
+        }
+        let pin_key = {
+            let path = cfg.store.pin_key_path();
+            let dir = cfg.store.data_dir.clone();
+            tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&dir).ok();
+                load_pin_key(&path)
+            })
+            .await
+            .map_err(|_| StoreError::Closed)??
+        };
+        let store = open_store(cfg, &clock).await?;
+        let executor = Executor::new(
+            store,
+            cfg.site.id.clone(),
+            cfg.tz(),
+            pin_key,
+            clock,
+            i64::from(cfg.api.idempotency_ttl_hours) * 3600,
+        );
+        let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                addr: cfg.api.listen.clone(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| GatewayError::Listen {
+                addr: cfg.api.listen.clone(),
+                source,
+            })?;
+        let limits = Limits {
+            max_body_bytes: cfg.api.max_body_bytes,
+            max_snapshot_bytes: cfg.api.max_snapshot_bytes,
+        };
+        let router = http::router(
+            executor.clone(),
+            Tokens::from_config(&cfg.api.tokens),
+            limits,
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(http::serve(listener, router, async {
+            let _ = stopped.await;
+        }));
+        tracing::info!(%addr, site = %cfg.site.id, "API listening");
+        Ok(Gateway {
+            addr,
+            executor,
+            stop: Some(stop),
+            server,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests finish, and closes the store.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.server).await;
+        let executor = self.executor;
+        // The last store handle closes the writer thread after its final commit.
+        let _ = tokio::task::spawn_blocking(move || drop(executor)).await;
+    }
+
+    /// Resolves when the server ends on its own (an error), or never.
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        match (&mut self.server).await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! unitgate: the per-site gateway of a self-storage facility.
+//!
+//! # Layout
+//!
+//! - [`domain`]: the pure core: statuses, the allocation state machine, unit records,
+//!   access hours, PIN hashing. No I/O.
+//! - [`store`]: the SQLite replica: migrations, one writer thread with group commit,
+//!   readers, the event log, idempotency records.
+//! - [`command`]: every mutating operation as one [`command::Command`], applied by the
+//!   same code whichever API it came from.
+//! - [`api`]: the error shape and the HTTP API (axum); MQTT joins here.
+//! - [`model`]: what the APIs return.
+//! - [`config`]: the configuration file, env overrides and validation.
+//! - [`gateway`]: starts and stops the parts in order.
+//! - [`demo`]: the demo site.
+
+pub mod api;
+pub mod command;
+pub mod config;
+pub mod demo;
+pub mod domain;
+pub mod gateway;
+pub mod model;
+pub mod store;

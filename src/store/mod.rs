@@ -1,0 +1,290 @@
+//! The SQLite replica: one writer thread with group commit, a pool of readers.
+//!
+//! Writes are closures sent to the writer thread. It takes every job waiting, runs each
+//! in its own savepoint inside one transaction, commits once (one fsync for the batch),
+//! and only then answers each job. So a reply means the change is on disk, and a job that
+//! fails rolls back alone. Readers use their own connections (WAL: they never block the
+//! writer) on the blocking pool.
+
+pub mod events;
+pub mod idempotency;
+pub mod people;
+pub mod schema;
+pub mod site;
+pub mod units;
+
+use rusqlite::{Connection, OpenFlags};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite said no.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer build.
+    #[error(
+        "the database has schema version {found}, but this build knows versions up to {known}; refusing to touch it"
+    )]
+    UnknownSchema {
+        /// Version in the file.
+        found: i64,
+        /// Newest version this build knows.
+        known: i64,
+    },
+    /// The file holds another site's replica.
+    #[error(
+        "the database belongs to site {found:?} but the config says site {expected:?}; refusing to mix replicas"
+    )]
+    SiteMismatch {
+        /// Site in the file.
+        found: String,
+        /// Site in the config.
+        expected: String,
+    },
+    /// A stored value does not decode.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The writer thread is gone (shutting down, or it panicked).
+    #[error("the store is shutting down")]
+    Closed,
+    /// File system trouble opening the store.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+type Job = Box<dyn FnOnce(&Connection) -> Finished + Send>;
+
+/// A job that has run: whether to keep its savepoint, and how to answer once committed.
+struct Finished {
+    keep: bool,
+    answer: Box<dyn FnOnce(Result<(), StoreError>) + Send>,
+}
+
+/// How many jobs one transaction takes at most.
+const MAX_BATCH: usize = 512;
+
+struct Inner {
+    jobs: Option<mpsc::Sender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel lets the writer finish its batch and exit; wait for it so a
+        // reopen of the same file sees everything that was answered.
+        self.jobs.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A cheap, cloneable handle to the replica.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .finish()
+    }
+}
+
+fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", true)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file, refusing unknown schema versions
+    /// before changing anything, then migrates and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let mut conn = Connection::open(path)?;
+        schema::check_known(&conn)?;
+        configure_writer(&conn)?;
+        schema::migrate(&mut conn)?;
+        let (tx, rx) = mpsc::channel::<Job>(4096);
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx))?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                jobs: Some(tx),
+                writer: Some(writer),
+                readers: Mutex::new(Vec::new()),
+                path: path.to_owned(),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` in the writer's transaction. Resolves after the commit is durable; if `f`
+    /// fails, its changes are rolled back and the others in the batch are unaffected.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel::<Result<T, E>>();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            Finished {
+                keep: result.is_ok(),
+                answer: Box::new(move |commit| {
+                    let _ = reply.send(match commit {
+                        Ok(()) => result,
+                        Err(e) => Err(e.into()),
+                    });
+                }),
+            }
+        });
+        let jobs = self.inner.jobs.as_ref().ok_or(StoreError::Closed)?;
+        jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `f` on a read-only connection on the blocking pool.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        F: FnOnce(&Connection) -> Result<T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = match inner.readers.lock().ok().and_then(|mut p| p.pop()) {
+                Some(c) => c,
+                None => open_reader(&inner.path)?,
+            };
+            let result = f(&conn);
+            if let Ok(mut pool) = inner.readers.lock() {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|_| E::from(StoreError::Closed))?
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
+    let mut batch: Vec<Job> = Vec::with_capacity(MAX_BATCH);
+    let mut answers = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            tracing::error!(error = %e, "store: cannot begin a transaction");
+            // Jobs are dropped unanswered: callers see `Closed`-like failure, nothing applied.
+            batch.clear();
+            continue;
+        }
+        for job in batch.drain(..) {
+            answers.push(run_job(&conn, job));
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+        if let Err(e) = &commit {
+            tracing::error!(error = %e, "store: commit failed; the batch is rolled back");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for answer in answers.drain(..) {
+            answer(match &commit {
+                Ok(()) => Ok(()),
+                Err(e) => Err(StoreError::Corrupt(format!("commit failed: {e}"))),
+            });
+        }
+    }
+}
+
+fn run_job(conn: &Connection, job: Job) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
+    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        tracing::error!(error = %e, "store: cannot open a savepoint");
+        return Box::new(|_| {});
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(conn))) {
+        Ok(done) => {
+            let end = if done.keep {
+                "RELEASE job"
+            } else {
+                "ROLLBACK TO job; RELEASE job"
+            };
+            if let Err(e) = conn.execute_batch(end) {
+                tracing::error!(error = %e, "store: savepoint end failed");
+            }
+            done.answer
+        }
+        Err(_) => {
+            // The job panicked: undo it; its caller sees the writer as gone for this call.
+            tracing::error!("store: a write job panicked; its changes are rolled back");
+            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            Box::new(|_| {})
+        }
+    }
+}
+
+/// Runs `f` inside a nested savepoint: all of it or none of it.
+pub fn atomically<T, E>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<StoreError>,
+{
+    conn.execute_batch("SAVEPOINT inner")
+        .map_err(StoreError::from)?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE inner")
+                .map_err(StoreError::from)?;
+            Ok(v)
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO inner; RELEASE inner")
+                .map_err(StoreError::from)?;
+            Err(e)
+        }
+    }
+}
+
+/// Now, as stored: RFC 3339 UTC with milliseconds.
+pub fn timestamp(now: chrono::DateTime<chrono::Utc>) -> String {
+    now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -1,0 +1,120 @@
+//! Schema migrations, applied in order; `PRAGMA user_version` records how far a file is.
+
+use super::StoreError;
+use rusqlite::Connection;
+
+/// Each entry migrates from version `i` to `i + 1`. Never edit a released entry: add one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the replica, the event log and idempotency records.
+    r#"
+    CREATE TABLE site (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        timezone    TEXT NOT NULL,
+        settings    TEXT NOT NULL,
+        last_seq    INTEGER NOT NULL DEFAULT 0,
+        created_at  TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE unit_types (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        updated_at  TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE units (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL UNIQUE,
+        unit_type_id  TEXT NOT NULL REFERENCES unit_types(id),
+        status        TEXT NOT NULL CHECK (status IN
+                        ('available','reserved','occupied','overlocked','unavailable','repossessed')),
+        attrs         TEXT NOT NULL,
+        zones         TEXT NOT NULL,
+        lock          TEXT,
+        door_sensor   TEXT,
+        version       INTEGER NOT NULL,
+        created_at    TEXT NOT NULL,
+        updated_at    TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX units_by_status ON units(status, name);
+    CREATE INDEX units_by_type ON units(unit_type_id);
+    CREATE TABLE contacts (
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        pin_hash      BLOB UNIQUE,
+        access_hours  TEXT,
+        version       INTEGER NOT NULL,
+        updated_at    TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE tenancies (
+        id          TEXT PRIMARY KEY,
+        contact_id  TEXT NOT NULL REFERENCES contacts(id),
+        start_date  TEXT NOT NULL,
+        end_date    TEXT,
+        state       TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        updated_at  TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX tenancies_by_contact ON tenancies(contact_id);
+    CREATE TABLE unit_allocations (
+        id                 TEXT PRIMARY KEY,
+        unit_id            TEXT NOT NULL REFERENCES units(id),
+        tenancy_id         TEXT NOT NULL REFERENCES tenancies(id),
+        reserved_at        TEXT,
+        reserved_by        TEXT,
+        granted_access_at  TEXT,
+        granted_access_by  TEXT,
+        ended_at           TEXT,
+        ended_by           TEXT
+    ) STRICT;
+    CREATE UNIQUE INDEX allocations_active_per_unit ON unit_allocations(unit_id) WHERE ended_at IS NULL;
+    CREATE INDEX allocations_by_tenancy ON unit_allocations(tenancy_id);
+    CREATE TABLE events (
+        seq          INTEGER PRIMARY KEY,
+        id           TEXT NOT NULL UNIQUE,
+        type         TEXT NOT NULL,
+        occurred_at  TEXT NOT NULL,
+        data         TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE idempotency (
+        key          TEXT PRIMARY KEY,
+        fingerprint  BLOB NOT NULL,
+        status       INTEGER NOT NULL,
+        body         BLOB NOT NULL,
+        created_at   INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX idempotency_by_age ON idempotency(created_at);
+    "#,
+];
+
+/// The schema version this build writes.
+pub const VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Reads the file's schema version without changing anything.
+pub fn version(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
+
+/// Refuses a file written by a newer build, before anything touches it.
+pub fn check_known(conn: &Connection) -> Result<i64, StoreError> {
+    let found = version(conn)?;
+    if !(0..=VERSION).contains(&found) {
+        return Err(StoreError::UnknownSchema {
+            found,
+            known: VERSION,
+        });
+    }
+    Ok(found)
+}
+
+/// Applies every pending migration, each in its own transaction.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let from = check_known(conn)?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+        tracing::info!(version = i + 1, "database migrated");
+    }
+    Ok(())
+}
