@@ -74,7 +74,11 @@ pub fn parse_at<T: DeserializeOwned>(v: Value, prefix: &str) -> Result<T, FieldE
             if let Some(rest) = message.strip_prefix(lead)
                 && let Some((name, _)) = rest.split_once('`')
             {
-                path = if path == "." { name.to_owned() } else { format!("{path}.{name}") };
+                path = if path == "." {
+                    name.to_owned()
+                } else {
+                    format!("{path}.{name}")
+                };
             }
         }
         let field = match (prefix.is_empty(), path.as_str()) {
