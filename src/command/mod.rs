@@ -325,7 +325,7 @@ fn run(conn: &Connection, env: Envelope, ctx: &Context, ttl_s: i64) -> Result<Re
                 replayed: false,
             });
         }
-        purge_expired(conn, now_unix - ttl_s)?;
+        purge_expired(conn, now_unix, ttl_s)?;
     }
     let outcome = store::atomically(conn, |c| env.command.apply(c, ctx));
     let (status, body) = match outcome {
@@ -355,14 +355,13 @@ fn run(conn: &Connection, env: Envelope, ctx: &Context, ttl_s: i64) -> Result<Re
     })
 }
 
-/// Purges expired keys now and then (at most once a minute per process).
-fn purge_expired(conn: &Connection, cutoff: i64) -> Result<(), StoreError> {
+/// Purges keys older than the TTL now and then (at most once a minute per process).
+fn purge_expired(conn: &Connection, now_unix: i64, ttl_s: i64) -> Result<(), StoreError> {
     use std::sync::atomic::{AtomicI64, Ordering};
     static LAST: AtomicI64 = AtomicI64::new(0);
-    let now = cutoff;
-    if now - LAST.load(Ordering::Relaxed) >= 60 {
-        LAST.store(now, Ordering::Relaxed);
-        let n = idempotency::purge(conn, cutoff)?;
+    if (now_unix - LAST.load(Ordering::Relaxed)).abs() >= 60 {
+        LAST.store(now_unix, Ordering::Relaxed);
+        let n = idempotency::purge(conn, now_unix - ttl_s)?;
         if n > 0 {
             tracing::debug!(purged = n, "idempotency keys expired");
         }

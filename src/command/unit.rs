@@ -69,8 +69,9 @@ pub fn parse_at<T: DeserializeOwned>(v: Value, prefix: &str) -> Result<T, FieldE
     serde_path_to_error::deserialize(v).map_err(|e| {
         let mut path = e.path().to_string();
         let message = e.into_inner().to_string();
-        // Missing and unknown fields are reported at the parent: name the field itself.
-        for lead in ["missing field `", "unknown field `"] {
+        // A missing field is reported at the parent: name the field itself. (An unknown
+        // field's path already ends with its key.)
+        for lead in ["missing field `"] {
             if let Some(rest) = message.strip_prefix(lead)
                 && let Some((name, _)) = rest.split_once('`')
             {

@@ -133,6 +133,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 )
             })?
         };
+        // serde would read an array as the struct's fields in order: `["t-1"]` must not reserve.
+        if !value.is_object() {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "body",
+                "must be a JSON object",
+            )]));
+        }
         let canonical = serde_json::to_vec(&value).unwrap_or_default();
         let value =
             crate::command::unit::parse_at(value, "").map_err(|e| ApiError::validation(vec![e]))?;
