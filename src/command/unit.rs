@@ -64,8 +64,55 @@ pub struct BulkBody {
     pub units: Vec<Value>,
 }
 
-/// Deserializes a value, naming the field at fault.
+/// Keys whose values are JSON arrays somewhere in the API. serde reads an array as a
+/// struct's fields in order, so an array anywhere else would be taken positionally.
+const ARRAY_KEYS: [&str; 8] = [
+    "zones",
+    "unit_amenities",
+    "tax_rates",
+    "units",
+    "unit_types",
+    "contacts",
+    "tenancies",
+    "allocations",
+];
+
+/// The path of the first array where the API never takes one, if any.
+fn positional_array(v: &Value, path: &str) -> Option<String> {
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_owned()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Object(map) => map.iter().find_map(|(k, child)| match child {
+            Value::Array(_) if !ARRAY_KEYS.contains(&k.as_str()) => Some(join(k)),
+            _ => positional_array(child, &join(k)),
+        }),
+        Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| match item {
+            Value::Array(_) => Some(format!("{path}[{i}]")),
+            _ => positional_array(item, &format!("{path}[{i}]")),
+        }),
+        _ => None,
+    }
+}
+
+/// Deserializes a JSON object, naming the field at fault.
 pub fn parse_at<T: DeserializeOwned>(v: Value, prefix: &str) -> Result<T, FieldError> {
+    let field = |p: &str| match (prefix.is_empty(), p.is_empty()) {
+        (true, true) => "body".to_owned(),
+        (true, false) => p.to_owned(),
+        (false, true) => prefix.to_owned(),
+        (false, false) => format!("{prefix}.{p}"),
+    };
+    if !v.is_object() {
+        return Err(FieldError::new(field(""), "must be a JSON object"));
+    }
+    if let Some(p) = positional_array(&v, "") {
+        return Err(FieldError::new(field(&p), "must not be an array here"));
+    }
     serde_path_to_error::deserialize(v).map_err(|e| {
         let mut path = e.path().to_string();
         let message = e.into_inner().to_string();

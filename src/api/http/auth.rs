@@ -30,6 +30,50 @@ impl Scope {
     }
 }
 
+/// A scope a route requires, as a type, so the check runs as an extractor (before the
+/// body is read).
+pub trait RequiredScope: Send + Sync + 'static {
+    /// The scope.
+    const SCOPE: Scope;
+}
+
+/// Marker types for [`RequiredScope`].
+pub mod needs {
+    use super::{RequiredScope, Scope};
+
+    /// `read`.
+    pub struct Read;
+    /// `allocations:write`.
+    pub struct AllocationsWrite;
+    /// `units:write`.
+    pub struct UnitsWrite;
+    /// `admin`.
+    pub struct Admin;
+
+    impl RequiredScope for Read {
+        const SCOPE: Scope = Scope::Read;
+    }
+    impl RequiredScope for AllocationsWrite {
+        const SCOPE: Scope = Scope::AllocationsWrite;
+    }
+    impl RequiredScope for UnitsWrite {
+        const SCOPE: Scope = Scope::UnitsWrite;
+    }
+    impl RequiredScope for Admin {
+        const SCOPE: Scope = Scope::Admin;
+    }
+}
+
+/// An authenticated caller holding scope `S`.
+pub struct Authorized<S>(pub Principal, std::marker::PhantomData<S>);
+
+impl<S> Authorized<S> {
+    /// Wraps a principal already checked for `S`.
+    pub fn new(p: Principal) -> Self {
+        Authorized(p, std::marker::PhantomData)
+    }
+}
+
 /// A configured token.
 #[derive(Clone)]
 struct Token {

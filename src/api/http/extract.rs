@@ -1,7 +1,7 @@
 //! Extractors whose every rejection is the contract's error shape.
 
 use super::AppState;
-use super::auth::Principal;
+use super::auth::{Authorized, Principal, RequiredScope};
 use crate::api::error::ApiError;
 use crate::command::validate_idempotency_key;
 use crate::domain::FieldError;
@@ -70,6 +70,19 @@ impl FromRequestParts<AppState> for Principal {
         let p = state.tokens.authenticate(header)?;
         tracing::Span::current().record("token", p.name.as_str());
         Ok(p)
+    }
+}
+
+impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let p = Principal::from_request_parts(parts, state).await?;
+        p.require(S::SCOPE)?;
+        Ok(Authorized::new(p))
     }
 }
 

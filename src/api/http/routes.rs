@@ -1,7 +1,7 @@
 //! Route handlers: authenticate, parse into a [`Command`] or run a read, render. The
 //! OpenAPI document is generated from these annotations.
 
-use super::auth::{Principal, Scope};
+use super::auth::{Authorized, needs};
 use super::extract::{JsonBody, Query, RequestId, WriteMeta, fingerprint};
 use super::{AppState, Limits};
 use crate::api::error::{ApiError, ErrorBody};
@@ -151,8 +151,9 @@ fn reply_response(reply: Reply) -> Response {
     res
 }
 
-async fn run(
+async fn run<S>(
     s: &AppState,
+    caller: &Authorized<S>,
     command: Command,
     ids: &str,
     meta: WriteMeta,
@@ -162,7 +163,11 @@ async fn run(
     let env = Envelope {
         fingerprint: fingerprint(command.name(), ids, canonical),
         command,
-        idempotency_key: meta.idempotency_key,
+        // Keys are per caller, so two clients choosing the same key never collide (a key
+        // has no spaces, so "<token name> <key>" is unambiguous).
+        idempotency_key: meta
+            .idempotency_key
+            .map(|k| format!("{} {k}", caller.0.name)),
         if_match: meta.if_match,
         request_id: rid.0,
     };
@@ -185,18 +190,17 @@ where
     responses((status = 200, body = UnitResult), Errors))]
 async fn reserve(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(unit_id): Path<String>,
     body: JsonBody<AllocationBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::Reserve(UnitAllocation {
         unit_id: unit_id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &unit_id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &unit_id, meta, rid, &body.canonical).await)
 }
 
 /// Grant access: reserved (same tenancy) → occupied, or available → occupied in one step.
@@ -205,18 +209,17 @@ async fn reserve(
     responses((status = 200, body = UnitResult), Errors))]
 async fn grant_access(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(unit_id): Path<String>,
     body: JsonBody<AllocationBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::GrantAccess(UnitAllocation {
         unit_id: unit_id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &unit_id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &unit_id, meta, rid, &body.canonical).await)
 }
 
 /// Deallocate: the allocation ends and the unit is available (`unit.deallocated` + `unit.available`).
@@ -225,18 +228,17 @@ async fn grant_access(
     responses((status = 200, body = UnitResult), Errors))]
 async fn deallocate(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(unit_id): Path<String>,
     body: JsonBody<ByBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::Deallocate(UnitOnly {
         unit_id: unit_id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &unit_id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &unit_id, meta, rid, &body.canonical).await)
 }
 
 /// Operator states: available ↔ unavailable, occupied/overlocked → repossessed.
@@ -245,18 +247,17 @@ async fn deallocate(
     responses((status = 200, body = UnitResult), Errors))]
 async fn set_status(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(unit_id): Path<String>,
     body: JsonBody<SetStatusBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::SetStatus(SetStatus {
         unit_id: unit_id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &unit_id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &unit_id, meta, rid, &body.canonical).await)
 }
 
 /// Overlock every occupied unit of the contact.
@@ -265,18 +266,17 @@ async fn set_status(
     responses((status = 200, body = UnitsResult), Errors))]
 async fn overlock(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(contact_id): Path<String>,
     body: JsonBody<ByBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::Overlock(ContactOnly {
         contact_id: contact_id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &contact_id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &contact_id, meta, rid, &body.canonical).await)
 }
 
 /// Remove the overlock from every overlocked unit of the contact.
@@ -285,18 +285,17 @@ async fn overlock(
     responses((status = 200, body = UnitsResult), Errors))]
 async fn remove_overlock(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(contact_id): Path<String>,
     body: JsonBody<ByBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::RemoveOverlock(ContactOnly {
         contact_id: contact_id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &contact_id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &contact_id, meta, rid, &body.canonical).await)
 }
 
 // ---- units ------------------------------------------------------------------------------
@@ -388,10 +387,9 @@ async fn unit_page(s: &AppState, filter: units::UnitFilter) -> Result<Response, 
     responses((status = 200, body = UnitList), Errors))]
 async fn list_units(
     State(s): State<AppState>,
-    p: Principal,
+    _: Authorized<needs::Read>,
     Query(q): Query<UnitQuery>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
     unit_page(&s, q.filter(false)?).await
 }
 
@@ -400,10 +398,9 @@ async fn list_units(
     responses((status = 200, body = UnitList), Errors))]
 async fn available_units(
     State(s): State<AppState>,
-    p: Principal,
+    _: Authorized<needs::Read>,
     Query(mut q): Query<UnitQuery>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
     q.status = Some("available".into());
     unit_page(&s, q.filter(true)?).await
 }
@@ -413,10 +410,9 @@ async fn available_units(
     responses((status = 200, body = UnitEnvelope, headers(("ETag" = String))), Errors))]
 async fn get_unit(
     State(s): State<AppState>,
-    p: Principal,
+    _: Authorized<needs::Read>,
     Path(unit_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
     let id = unit_id.clone();
     let row = read(&s, move |c| Ok(units::get(c, &id)?)).await?;
     let row = row.ok_or_else(|| ApiError::not_found("unit", &unit_id))?;
@@ -429,18 +425,17 @@ async fn get_unit(
 
 async fn update_unit(
     s: AppState,
-    p: Principal,
+    p: Authorized<needs::UnitsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     unit_id: String,
     body: JsonBody<UnitPatchBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::UnitsWrite)?;
     let cmd = Command::UpdateUnit(UpdateUnit {
         unit_id: unit_id.clone(),
         patch: body.value.unit,
     });
-    Ok(run(&s, cmd, &unit_id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &unit_id, meta, rid, &body.canonical).await)
 }
 
 /// Update a unit: omitted fields unchanged; a `null` array unchanged, `[]` cleared.
@@ -449,7 +444,7 @@ async fn update_unit(
     responses((status = 200, body = UnitEnvelope), Errors))]
 async fn patch_unit(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::UnitsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(unit_id): Path<String>,
@@ -464,7 +459,7 @@ async fn patch_unit(
     responses((status = 200, body = UnitEnvelope), Errors))]
 async fn put_unit(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::UnitsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(unit_id): Path<String>,
@@ -478,14 +473,14 @@ async fn put_unit(
     responses((status = 201, body = UnitsResult), Errors))]
 async fn create_units(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::UnitsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     body: JsonBody<CreateUnits>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::UnitsWrite)?;
     Ok(run(
         &s,
+        &p,
         Command::CreateUnits(body.value),
         "",
         meta,
@@ -500,14 +495,13 @@ async fn create_units(
     responses((status = 201, body = UnitsResult), Errors))]
 async fn bulk_create(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::UnitsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     body: JsonBody<BulkBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::UnitsWrite)?;
     let cmd = Command::BulkCreateUnits(BulkCreate::parse(body.value)?);
-    Ok(run(&s, cmd, "", meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, "", meta, rid, &body.canonical).await)
 }
 
 /// Update several units by id; all or nothing (`error_hash` on 400 and 404).
@@ -515,14 +509,13 @@ async fn bulk_create(
     responses((status = 200, body = UnitsResult), Errors))]
 async fn bulk_update(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::UnitsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     body: JsonBody<BulkBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::UnitsWrite)?;
     let cmd = Command::BulkUpdateUnits(BulkUpdate::parse(body.value)?);
-    Ok(run(&s, cmd, "", meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, "", meta, rid, &body.canonical).await)
 }
 
 // ---- upserts from the cloud -------------------------------------------------------------
@@ -532,10 +525,9 @@ async fn bulk_update(
     responses((status = 200, body = UnitTypeResult), Errors))]
 async fn get_unit_type(
     State(s): State<AppState>,
-    p: Principal,
+    _: Authorized<needs::Read>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
     let key = id.clone();
     let t = read(&s, move |c| Ok(people::unit_type(c, &key)?)).await?;
     let t = t.ok_or_else(|| ApiError::not_found("unit type", &id))?;
@@ -551,18 +543,17 @@ async fn get_unit_type(
     responses((status = 200, body = UnitTypeResult), (status = 201, body = UnitTypeResult), Errors))]
 async fn put_unit_type(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::UnitsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(id): Path<String>,
     body: JsonBody<UnitTypeBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::UnitsWrite)?;
     let cmd = Command::UpsertUnitType(UpsertUnitType {
         id: id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &id, meta, rid, &body.canonical).await)
 }
 
 /// A contact (the access code is never returned).
@@ -570,10 +561,9 @@ async fn put_unit_type(
     responses((status = 200, body = ContactResult), Errors))]
 async fn get_contact(
     State(s): State<AppState>,
-    p: Principal,
+    _: Authorized<needs::Read>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
     let key = id.clone();
     let c = read(&s, move |c| Ok(people::contact(c, &key)?)).await?;
     let c = c.ok_or_else(|| ApiError::not_found("contact", &id))?;
@@ -586,18 +576,17 @@ async fn get_contact(
     responses((status = 200, body = ContactResult), (status = 201, body = ContactResult), Errors))]
 async fn put_contact(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(id): Path<String>,
     body: JsonBody<ContactBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::UpsertContact(UpsertContact {
         id: id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &id, meta, rid, &body.canonical).await)
 }
 
 /// A tenancy.
@@ -605,10 +594,9 @@ async fn put_contact(
     responses((status = 200, body = TenancyResult), Errors))]
 async fn get_tenancy(
     State(s): State<AppState>,
-    p: Principal,
+    _: Authorized<needs::Read>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
     let key = id.clone();
     let t = read(&s, move |c| Ok(people::tenancy(c, &key)?)).await?;
     let t = t.ok_or_else(|| ApiError::not_found("tenancy", &id))?;
@@ -621,18 +609,17 @@ async fn get_tenancy(
     responses((status = 200, body = TenancyResult), (status = 201, body = TenancyResult), Errors))]
 async fn put_tenancy(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::AllocationsWrite>,
     rid: RequestId,
     meta: WriteMeta,
     Path(id): Path<String>,
     body: JsonBody<TenancyBody>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::AllocationsWrite)?;
     let cmd = Command::UpsertTenancy(UpsertTenancy {
         id: id.clone(),
         body: body.value,
     });
-    Ok(run(&s, cmd, &id, meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, &id, meta, rid, &body.canonical).await)
 }
 
 /// Replace the whole replica, applied atomically as a diff: unchanged rows are not touched
@@ -641,14 +628,13 @@ async fn put_tenancy(
     responses((status = 200, body = SnapshotReply), Errors))]
 async fn put_snapshot(
     State(s): State<AppState>,
-    p: Principal,
+    p: Authorized<needs::Admin>,
     rid: RequestId,
     meta: WriteMeta,
     body: JsonBody<Snapshot>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Admin)?;
     let cmd = Command::Snapshot(Box::new(body.value));
-    Ok(run(&s, cmd, "", meta, rid, &body.canonical).await)
+    Ok(run(&s, &p, cmd, "", meta, rid, &body.canonical).await)
 }
 
 // ---- events, health, document -----------------------------------------------------------
@@ -669,10 +655,9 @@ pub struct EventQuery {
     responses((status = 200, body = EventPage), Errors))]
 async fn list_events(
     State(s): State<AppState>,
-    p: Principal,
+    _: Authorized<needs::Read>,
     Query(q): Query<EventQuery>,
 ) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
     let after = q.after.unwrap_or(0);
     let limit = q.limit.unwrap_or(100);
     if after < 0 || !(1..=1000).contains(&limit) {
@@ -714,8 +699,7 @@ async fn healthz(State(s): State<AppState>) -> Result<Response, ApiError> {
 /// This document.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json"), Errors))]
-async fn openapi_json(p: Principal) -> Result<Response, ApiError> {
-    p.require(Scope::Read)?;
+async fn openapi_json(_: Authorized<needs::Read>) -> Result<Response, ApiError> {
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
         openapi_document(),
