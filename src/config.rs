@@ -125,6 +125,9 @@ pub struct ApiConfig {
     pub tls_cert: PathBuf,
     /// PEM private key for HTTPS.
     pub tls_key: PathBuf,
+    /// PEM CA certificate(s) for mTLS: when set, clients must present a certificate
+    /// signed by one of them. Empty = no client certificates asked for.
+    pub tls_client_ca: PathBuf,
     /// Largest request body, except the snapshot.
     pub max_body_bytes: usize,
     /// Largest `PUT /v1/sync/snapshot` body.
@@ -142,6 +145,7 @@ impl Default for ApiConfig {
             plain_http: false,
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            tls_client_ca: PathBuf::new(),
             max_body_bytes: 1 << 20,
             max_snapshot_bytes: 64 << 20,
             idempotency_ttl_hours: 48,
@@ -299,6 +303,12 @@ impl Config {
                     "required unless api.plain_http = true (a PEM private key)".into(),
                 );
             }
+        } else if !self.api.tls_client_ca.as_os_str().is_empty() {
+            bad(
+                "api.tls_client_ca",
+                "client certificates need HTTPS: set api.plain_http = false, or leave this empty"
+                    .into(),
+            );
         }
         if !(1024..=(64 << 20)).contains(&self.api.max_body_bytes) {
             bad(
@@ -430,6 +440,41 @@ mod tests {
                 "api.tls_key",
                 "api.tokens[0].scopes"
             ]
+        );
+    }
+
+    #[test]
+    fn client_ca_needs_https() {
+        let with_ca = minimal().replace(
+            "plain_http = true",
+            "plain_http = true\ntls_client_ca = \"/etc/unitgate/clients.pem\"",
+        );
+        let c = Config::from_toml(&with_ca).unwrap();
+        let keys: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["api.tls_client_ca"]);
+
+        let https = with_ca.replace(
+            "plain_http = true",
+            "plain_http = false\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"",
+        );
+        let c = Config::from_toml(&https).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.api.tls_client_ca,
+            PathBuf::from("/etc/unitgate/clients.pem")
+        );
+        assert!(
+            Config::from_toml(&minimal())
+                .unwrap()
+                .api
+                .tls_client_ca
+                .as_os_str()
+                .is_empty()
         );
     }
 

@@ -33,9 +33,9 @@ pub enum GatewayError {
         /// Cause.
         source: std::io::Error,
     },
-    /// HTTPS is configured but not available in this build yet.
+    /// The HTTPS certificate, key or client CA cannot be used (the message names the key).
     #[error("{0}")]
-    Unsupported(String),
+    Tls(#[from] http::tls::TlsError),
 }
 
 /// A running gateway.
@@ -110,12 +110,13 @@ pub async fn open_store(cfg: &Config, clock: &Clock) -> Result<Store, GatewayErr
 impl Gateway {
     /// Starts everything for a validated config; the API listens before this returns.
     pub async fn start(cfg: &Config, clock: Clock) -> Result<Gateway, GatewayError> {
-        if !cfg.api.plain_http {
-            return Err(GatewayError::Unsupported(
-                "HTTPS (api.tls_cert/api.tls_key) is not built yet; set api.plain_http = true behind a TLS terminator"
-                    .into(),
-            ));
-        }
+        // Certificate problems surface before anything is opened or bound. Reading a few
+        // small PEM files once at start is fine on the runtime thread.
+        let tls = if cfg.api.plain_http {
+            None
+        } else {
+            Some(http::tls::server_config(&cfg.api)?)
+        };
         let pin_key = {
             let path = cfg.store.pin_key_path();
             let dir = cfg.store.data_dir.clone();
@@ -157,10 +158,25 @@ impl Gateway {
             limits,
         );
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(http::serve(listener, router, async {
+        let tls_on = tls.is_some();
+        let shutdown = async {
             let _ = stopped.await;
-        }));
-        tracing::info!(%addr, site = %cfg.site.id, "API listening");
+        };
+        let server = match tls {
+            Some(config) => tokio::spawn(http::serve(
+                http::tls::TlsListener::new(listener, config, http::tls::HANDSHAKE_TIMEOUT),
+                router,
+                shutdown,
+            )),
+            None => tokio::spawn(http::serve(listener, router, shutdown)),
+        };
+        tracing::info!(
+            %addr,
+            site = %cfg.site.id,
+            https = tls_on,
+            mtls = !cfg.api.tls_client_ca.as_os_str().is_empty() && tls_on,
+            "API listening"
+        );
         Ok(Gateway {
             addr,
             executor,

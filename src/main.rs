@@ -185,18 +185,25 @@ async fn main() -> Result<()> {
                     std::process::exit(1);
                 }
             };
-            match cfg.validate() {
-                Ok(()) => {
-                    println!("{}: ok", config.display());
-                    Ok(())
-                }
-                Err(problems) => {
-                    for p in &problems {
-                        eprintln!("{}: {p}", config.display());
-                    }
-                    std::process::exit(1);
-                }
+            let mut problems: Vec<String> = match cfg.validate() {
+                Ok(()) => Vec::new(),
+                Err(problems) => problems.iter().map(ToString::to_string).collect(),
+            };
+            // The TLS files are read here too, so a bad certificate shows before a restart.
+            if problems.is_empty()
+                && !cfg.api.plain_http
+                && let Err(e) = unitgate::api::http::tls::server_config(&cfg.api)
+            {
+                problems.push(e.to_string());
             }
+            if problems.is_empty() {
+                println!("{}: ok", config.display());
+                return Ok(());
+            }
+            for p in &problems {
+                eprintln!("{}: {p}", config.display());
+            }
+            std::process::exit(1);
         }
         Cmd::Token { name, scopes } => {
             let token = new_token();

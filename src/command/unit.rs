@@ -176,60 +176,51 @@ fn item_id(v: &Value) -> Option<String> {
     v.get("id").and_then(Value::as_str).map(str::to_owned)
 }
 
+/// Parses every bulk item as `T`; every problem goes into one `error_hash` (400).
+/// `required_id` demands an `id` on each item (bulk_update).
+fn parse_items<T: DeserializeOwned>(body: BulkBody, required_id: bool) -> Result<Vec<T>, ApiError> {
+    check_bulk_len(body.units.len())?;
+    let mut hash = ErrorHash::new();
+    let mut out = Vec::with_capacity(body.units.len());
+    for v in body.units {
+        let (id, name) = (item_id(&v), item_name(&v));
+        if required_id && id.is_none() {
+            push(&mut hash, "id", None, name.as_deref(), "is required");
+            continue;
+        }
+        match parse_at::<T>(v, "") {
+            Ok(item) => out.push(item),
+            Err(e) => push(
+                &mut hash,
+                &e.field,
+                id.as_deref(),
+                name.as_deref(),
+                e.message,
+            ),
+        }
+    }
+    if hash.is_empty() {
+        Ok(out)
+    } else {
+        Err(ApiError::bulk(400, hash))
+    }
+}
+
 impl BulkCreate {
-    /// Parses every item; all problems go into one `error_hash` (400).
+    /// Parses every item.
     pub fn parse(body: BulkBody) -> Result<Self, ApiError> {
-        let mut hash = ErrorHash::new();
-        let mut out = Vec::new();
-        check_bulk_len(body.units.len())?;
-        for v in body.units {
-            let (id, name) = (item_id(&v), item_name(&v));
-            match parse_at::<UnitInput>(v, "") {
-                Ok(u) => out.push(u),
-                Err(e) => push(
-                    &mut hash,
-                    &e.field,
-                    id.as_deref(),
-                    name.as_deref(),
-                    e.message,
-                ),
-            }
-        }
-        if hash.is_empty() {
-            Ok(BulkCreate { units: out })
-        } else {
-            Err(ApiError::bulk(400, hash))
-        }
+        Ok(BulkCreate {
+            units: parse_items(body, false)?,
+        })
     }
 }
 
 impl BulkUpdate {
     /// Parses every item; each needs an `id`.
     pub fn parse(body: BulkBody) -> Result<Self, ApiError> {
-        let mut hash = ErrorHash::new();
-        let mut out = Vec::new();
-        check_bulk_len(body.units.len())?;
-        for v in body.units {
-            let (id, name) = (item_id(&v), item_name(&v));
-            match parse_at::<UnitPatch>(v, "") {
-                Ok(p) if p.id.is_none() => {
-                    push(&mut hash, "id", None, name.as_deref(), "is required")
-                }
-                Ok(p) => out.push(p),
-                Err(e) => push(
-                    &mut hash,
-                    &e.field,
-                    id.as_deref(),
-                    name.as_deref(),
-                    e.message,
-                ),
-            }
-        }
-        if hash.is_empty() {
-            Ok(BulkUpdate { units: out })
-        } else {
-            Err(ApiError::bulk(400, hash))
-        }
+        Ok(BulkUpdate {
+            units: parse_items(body, true)?,
+        })
     }
 }
 

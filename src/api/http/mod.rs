@@ -3,6 +3,7 @@
 pub mod auth;
 pub mod extract;
 pub mod routes;
+pub mod tls;
 
 use crate::api::error::ApiError;
 use crate::command::Executor;
@@ -147,12 +148,17 @@ async fn envelope(mut req: Request, next: Next) -> Response {
     res
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then drains in-flight requests.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+/// Serves `router` on `listener` (TCP, or [`tls::TlsListener`]) until `shutdown` resolves,
+/// then drains in-flight requests.
+pub async fn serve<L>(
+    listener: L,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
