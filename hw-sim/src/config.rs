@@ -1,0 +1,308 @@
+//! The site file: the same `[devices]` section the gateway reads, plus `[sim]` for the
+//! simulator itself. One file describes one site.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The whole file (unknown top-level sections, e.g. the gateway's `[api]`, are ignored).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SiteFile {
+    /// Simulator settings.
+    pub sim: SimConfig,
+    /// The site's devices.
+    pub devices: Devices,
+}
+
+/// `[sim]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// Control API address.
+    pub control_listen: String,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            control_listen: "127.0.0.1:9900".into(),
+        }
+    }
+}
+
+/// `[devices]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Devices {
+    /// OSDP keypads at the gates.
+    pub keypads: Vec<KeypadConfig>,
+    /// Modbus relay / sensor boards.
+    pub relay_boards: Vec<RelayBoardConfig>,
+    /// The smart-lock vendor API.
+    pub lock_api: Option<LockApiConfig>,
+}
+
+/// A coil on a relay board.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoilRef {
+    /// Board id.
+    pub board: String,
+    /// Coil number (0-based).
+    pub coil: u16,
+}
+
+/// A discrete input on a relay board.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputRef {
+    /// Board id.
+    pub board: String,
+    /// Input number (0-based).
+    pub input: u16,
+}
+
+/// `[[devices.keypads]]`: an OSDP peripheral (keypad + LED + buzzer + text display).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeypadConfig {
+    /// Device id, e.g. `gate-1`.
+    pub id: String,
+    /// The gate zone this keypad guards.
+    pub zone: String,
+    /// Serial device the control panel opens (RS-485 adapter; the simulator links its
+    /// pseudo-terminal here). Empty: no serial line.
+    #[serde(default)]
+    pub port: String,
+    /// Baud rate (9600 or 115200).
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// Also serve OSDP over TCP at this address (simulator and gateway). Empty: no TCP.
+    #[serde(default)]
+    pub tcp: String,
+    /// OSDP peripheral address (0-126).
+    #[serde(default)]
+    pub address: u8,
+    /// Secure channel base key, 32 hex digits. Empty: no secure channel.
+    #[serde(default)]
+    pub scbk: String,
+    /// The gate strike relay this keypad opens.
+    pub gate: Option<CoilRef>,
+    /// The gate position input (open = on).
+    #[serde(default)]
+    pub gate_sensor: Option<InputRef>,
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+
+/// Transport of a relay board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusTransport {
+    /// Modbus TCP.
+    Tcp,
+    /// Modbus RTU on a serial line.
+    Rtu,
+}
+
+/// `[[devices.relay_boards]]`: coils (gate strikes, overlock relays) and discrete inputs
+/// (door sensors, gate position).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayBoardConfig {
+    /// Device id, e.g. `relay-1`.
+    pub id: String,
+    /// `tcp` or `rtu`.
+    pub transport: ModbusTransport,
+    /// TCP: `host:port`.
+    #[serde(default)]
+    pub address: String,
+    /// RTU: the serial device (the simulator links its pseudo-terminal here).
+    #[serde(default)]
+    pub port: String,
+    /// RTU: baud rate.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// RTU: `none`, `even` or `odd`.
+    #[serde(default = "default_parity")]
+    pub parity: String,
+    /// RTU: 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// Modbus unit (slave) id.
+    #[serde(default = "default_unit_id")]
+    pub unit_id: u8,
+    /// Number of coils.
+    pub coils: u16,
+    /// Number of discrete inputs.
+    pub inputs: u16,
+    /// Simulator: response delay in milliseconds.
+    #[serde(default = "default_delay")]
+    pub response_delay_ms: u64,
+}
+
+fn default_parity() -> String {
+    "none".into()
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_unit_id() -> u8 {
+    1
+}
+fn default_delay() -> u64 {
+    3
+}
+
+/// `[devices.lock_api]`: the smart-lock vendor API (DESIGN.md §4 reference provider).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockApiConfig {
+    /// Device id.
+    #[serde(default = "default_lock_api_id")]
+    pub id: String,
+    /// Base URL (the gateway calls it; the simulator listens on its host:port).
+    pub url: String,
+    /// File holding the API key (never in this file).
+    #[serde(default)]
+    pub api_key_file: PathBuf,
+    /// Simulator: requests per second allowed per key before 429.
+    #[serde(default = "default_rate")]
+    pub rate_limit_per_s: u32,
+    /// Simulator: the lock ids it serves.
+    #[serde(default)]
+    pub locks: Vec<String>,
+}
+
+fn default_lock_api_id() -> String {
+    "locks".into()
+}
+fn default_rate() -> u32 {
+    20
+}
+
+/// Errors reading the site file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Cannot read it.
+    #[error("{path}: {source}")]
+    Read {
+        /// File.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Does not parse.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File.
+        path: String,
+        /// Parser message (names the key).
+        message: String,
+    },
+    /// Values do not make sense.
+    #[error("{path}: {}", .problems.join("; "))]
+    Invalid {
+        /// File.
+        path: String,
+        /// Each problem, naming the key.
+        problems: Vec<String>,
+    },
+}
+
+impl SiteFile {
+    /// Reads and checks a site file.
+    pub fn load(path: &Path) -> Result<SiteFile, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        let file = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: p.clone(),
+            message,
+        })?;
+        file.validate()
+            .map_err(|problems| ConfigError::Invalid { path: p, problems })?;
+        Ok(file)
+    }
+
+    /// Parses TOML text.
+    pub fn parse(text: &str) -> Result<SiteFile, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Every problem, naming its key.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut p = Vec::new();
+        let mut ids = std::collections::HashSet::new();
+        let boards: std::collections::HashMap<&str, &RelayBoardConfig> = self
+            .devices
+            .relay_boards
+            .iter()
+            .map(|b| (b.id.as_str(), b))
+            .collect();
+        for (i, k) in self.devices.keypads.iter().enumerate() {
+            let key = format!("devices.keypads[{i}]");
+            if !ids.insert(k.id.clone()) {
+                p.push(format!("{key}.id: {:?} is used twice", k.id));
+            }
+            if k.port.is_empty() && k.tcp.is_empty() {
+                p.push(format!("{key}: set port (serial) or tcp"));
+            }
+            if k.address > 126 {
+                p.push(format!("{key}.address: must be 0 to 126"));
+            }
+            if !k.scbk.is_empty()
+                && (k.scbk.len() != 32 || !k.scbk.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                p.push(format!("{key}.scbk: must be 32 hex digits"));
+            }
+            if let Some(g) = &k.gate {
+                match boards.get(g.board.as_str()) {
+                    None => p.push(format!("{key}.gate.board: no relay board {:?}", g.board)),
+                    Some(b) if g.coil >= b.coils => p.push(format!(
+                        "{key}.gate.coil: board {:?} has {} coils",
+                        b.id, b.coils
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        for (i, b) in self.devices.relay_boards.iter().enumerate() {
+            let key = format!("devices.relay_boards[{i}]");
+            if !ids.insert(b.id.clone()) {
+                p.push(format!("{key}.id: {:?} is used twice", b.id));
+            }
+            match b.transport {
+                ModbusTransport::Tcp if b.address.is_empty() => {
+                    p.push(format!("{key}.address: required for tcp"))
+                }
+                ModbusTransport::Rtu if b.port.is_empty() => {
+                    p.push(format!("{key}.port: required for rtu"))
+                }
+                _ => {}
+            }
+            if !["none", "even", "odd"].contains(&b.parity.as_str()) {
+                p.push(format!("{key}.parity: none, even or odd"));
+            }
+            if !(1..=2).contains(&b.stop_bits) {
+                p.push(format!("{key}.stop_bits: 1 or 2"));
+            }
+            if b.coils == 0 && b.inputs == 0 {
+                p.push(format!("{key}: a board needs coils or inputs"));
+            }
+        }
+        if let Some(l) = &self.devices.lock_api {
+            if !ids.insert(l.id.clone()) {
+                p.push(format!("devices.lock_api.id: {:?} is used twice", l.id));
+            }
+            if !(l.url.starts_with("http://") || l.url.starts_with("https://")) {
+                p.push("devices.lock_api.url: must be an http:// or https:// URL".into());
+            }
+        }
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+}
