@@ -13,11 +13,9 @@ pub fn append(
     data: &serde_json::Value,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<i64, StoreError> {
-    let seq: i64 = conn.query_row(
-        "UPDATE site SET last_seq = last_seq + 1 RETURNING last_seq",
-        [],
-        |r| r.get(0),
-    )?;
+    let seq: i64 = conn
+        .prepare_cached("UPDATE site SET last_seq = last_seq + 1 RETURNING last_seq")?
+        .query_row([], |r| r.get(0))?;
     let id = format!("evt_{}", uuid::Uuid::new_v4().simple());
     conn.prepare_cached(
         "INSERT INTO events (seq, id, type, occurred_at, data) VALUES (?1, ?2, ?3, ?4, ?5)",
