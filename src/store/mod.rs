@@ -288,3 +288,76 @@ where
 pub fn timestamp(now: chrono::DateTime<chrono::Utc>) -> String {
     now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_a_newer_schema_without_touching_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let before = std::fs::read(&path).unwrap();
+        match Store::open(&path) {
+            Err(StoreError::UnknownSchema { found: 99, known }) => {
+                assert_eq!(known, schema::VERSION)
+            }
+            other => panic!("expected UnknownSchema, got {other:?}"),
+        }
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        assert!(!dir.path().join("u.db-wal").exists());
+    }
+
+    #[tokio::test]
+    async fn refuses_another_sites_replica() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        let now = chrono::Utc::now();
+        let settings = serde_json::json!({});
+        let s = Store::open(&path).unwrap();
+        s.write(move |c| site::ensure(c, "site-a", "A", "UTC", &settings, now))
+            .await
+            .unwrap();
+        let settings = serde_json::json!({});
+        let err = s
+            .write(move |c| site::ensure(c, "site-b", "B", "UTC", &settings, now))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::SiteMismatch { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_job_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("u.db")).unwrap();
+        s.write(|c| {
+            c.execute_batch("CREATE TABLE t (x INTEGER)")
+                .map_err(StoreError::from)
+        })
+        .await
+        .unwrap();
+        let ok = s.write(|c| {
+            c.execute("INSERT INTO t VALUES (1)", [])
+                .map_err(StoreError::from)
+        });
+        let bad = s.write(|c| -> Result<(), StoreError> {
+            c.execute("INSERT INTO t VALUES (2)", [])?;
+            Err(StoreError::Corrupt("refused".into()))
+        });
+        let (ok, bad) = tokio::join!(ok, bad);
+        assert!(ok.is_ok() && bad.is_err());
+        let rows: Vec<i64> = s
+            .read(|c| -> Result<Vec<i64>, StoreError> {
+                let mut st = c.prepare("SELECT x FROM t ORDER BY x")?;
+                let v = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+                Ok(v)
+            })
+            .await
+            .unwrap();
+        assert_eq!(rows, [1]);
+    }
+}
