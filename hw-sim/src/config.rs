@@ -213,6 +213,31 @@ pub enum ConfigError {
 }
 
 impl SiteFile {
+    /// The same site on free ports (`127.0.0.1:0`) with its serial links under `dir`, so a
+    /// test or a second simulator never collides with one already running.
+    pub fn ephemeral(&self, dir: &Path) -> SiteFile {
+        let mut s = self.clone();
+        s.sim.control_listen = "127.0.0.1:0".into();
+        for k in &mut s.devices.keypads {
+            if !k.port.is_empty() {
+                k.port = dir.join(&k.id).display().to_string();
+            }
+            if !k.tcp.is_empty() {
+                k.tcp = "127.0.0.1:0".into();
+            }
+        }
+        for b in &mut s.devices.relay_boards {
+            match b.transport {
+                ModbusTransport::Tcp => b.address = "127.0.0.1:0".into(),
+                ModbusTransport::Rtu => b.port = dir.join(&b.id).display().to_string(),
+            }
+        }
+        if let Some(l) = &mut s.devices.lock_api {
+            l.url = "http://127.0.0.1:0".into();
+        }
+        s
+    }
+
     /// Reads and checks a site file.
     pub fn load(path: &Path) -> Result<SiteFile, ConfigError> {
         let p = path.display().to_string();
@@ -304,5 +329,66 @@ impl SiteFile {
             }
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_site_file_is_valid_and_complete() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/sim.toml");
+        let site = SiteFile::load(&path).unwrap();
+        assert_eq!(site.devices.keypads.len(), 2);
+        let relay = site
+            .devices
+            .relay_boards
+            .iter()
+            .find(|b| b.id == "relay-1")
+            .unwrap();
+        assert_eq!(
+            (relay.coils, relay.inputs, relay.transport),
+            (32, 32, ModbusTransport::Rtu)
+        );
+        assert_eq!(site.devices.lock_api.as_ref().unwrap().locks.len(), 60);
+        let e = site.ephemeral(Path::new("/tmp/x"));
+        assert_eq!(e.devices.keypads[0].port, "/tmp/x/gate-1");
+        assert_eq!(e.devices.lock_api.unwrap().url, "http://127.0.0.1:0");
+    }
+
+    #[test]
+    fn problems_name_their_keys() {
+        let site = SiteFile::parse(
+            r#"
+            [[devices.keypads]]
+            id = "k"
+            zone = "z"
+            address = 200
+            scbk = "xyz"
+            gate = { board = "nope", coil = 0 }
+            [[devices.relay_boards]]
+            id = "k"
+            transport = "rtu"
+            coils = 1
+            inputs = 1
+            "#,
+        )
+        .unwrap();
+        let p = site.validate().unwrap_err().join("\n");
+        for key in [
+            "devices.keypads[0]: set port",
+            "devices.keypads[0].address",
+            "devices.keypads[0].scbk",
+            "devices.keypads[0].gate.board",
+            "devices.relay_boards[0].id",
+            "devices.relay_boards[0].port",
+        ] {
+            assert!(p.contains(key), "missing {key} in {p}");
+        }
+        assert!(
+            SiteFile::parse("[devices]\nkeypad = []\n").is_err(),
+            "unknown keys are refused"
+        );
     }
 }

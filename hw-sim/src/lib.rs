@@ -11,6 +11,7 @@
 //! - [`observe`]: the observation bus (monotonic nanosecond timestamps).
 //! - [`fault`]: injected faults.
 //! - [`pty`]: pseudo-terminal pairs linked where the site file names serial devices.
+//! - [`scenario`]: timed steps with expectations (`hw-sim run`).
 //!
 //! Devices speak the real protocols over real transports; nothing here calls gateway code.
 
@@ -22,6 +23,7 @@ pub mod locks;
 pub mod observe;
 pub mod pty;
 pub mod relay;
+pub mod scenario;
 
 use config::SiteFile;
 use fault::Faults;
