@@ -14,8 +14,6 @@ use serde::Deserialize;
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::BroadcastStream;
 
 type St = State<Arc<Registry>>;
 
@@ -280,47 +278,58 @@ async fn list_faults(State(r): St) -> Json<serde_json::Value> {
     Json(json!(out))
 }
 
-/// NDJSON stream of observations from now on (`?device=` filters).
+/// NDJSON stream of observations from now on (`?device=` filters). The first line
+/// (`subscribed`) says the subscription is live; the stream ends when the simulator stops.
 async fn events(State(r): St, Query(q): Query<DeviceFilter>) -> Response {
-    let stream = BroadcastStream::new(r.bus.subscribe()).filter_map(move |o| {
-        let o = match o {
-            Ok(o) => o,
-            // A slow reader lost some observations: say so in the stream.
-            Err(tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(n)) => {
-                crate::observe::Observation {
-                    t_ns: crate::observe::monotonic_ns(),
-                    device: "*".into(),
-                    kind: "lagged".into(),
-                    data: json!({"missed": n}),
-                }
-            }
-        };
-        if q.device.as_ref().is_some_and(|d| *d != o.device) {
-            return None;
-        }
-        let mut line = serde_json::to_vec(&o).ok()?;
-        line.push(b'\n');
-        Some(Ok::<_, std::convert::Infallible>(line))
-    });
-    // A first line tells the reader the subscription is live, so it can act without racing.
-    let hello = serde_json::to_vec(&crate::observe::Observation {
+    let mut rx = r.bus.subscribe();
+    let mut shutdown = r.shutdown.clone();
+    let (tx, lines) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::convert::Infallible>>(256);
+    let line = |o: &crate::observe::Observation| {
+        let mut v = serde_json::to_vec(o).unwrap_or_default();
+        v.push(b'\n');
+        v
+    };
+    let hello = crate::observe::Observation {
         t_ns: crate::observe::monotonic_ns(),
         device: "*".into(),
         kind: "subscribed".into(),
         data: json!({}),
-    })
-    .map(|mut v| {
-        v.push(b'\n');
-        v
-    })
-    .unwrap_or_default();
-    let stream = tokio_stream::once(Ok(hello)).chain(stream);
+    };
+    let _ = tx.try_send(Ok(line(&hello)));
+    tokio::spawn(async move {
+        loop {
+            let o = tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tx.closed() => return,
+                o = rx.recv() => o,
+            };
+            let o = match o {
+                Ok(o) => o,
+                // A slow reader lost some observations: say so in the stream.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    crate::observe::Observation {
+                        t_ns: crate::observe::monotonic_ns(),
+                        device: "*".into(),
+                        kind: "lagged".into(),
+                        data: json!({"missed": n}),
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            };
+            if q.device.as_ref().is_some_and(|d| *d != o.device) {
+                continue;
+            }
+            if tx.send(Ok(line(&o))).await.is_err() {
+                return;
+            }
+        }
+    });
     (
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
             (header::CACHE_CONTROL, "no-cache"),
         ],
-        Body::from_stream(stream),
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(lines)),
     )
         .into_response()
 }

@@ -89,6 +89,8 @@ pub struct Registry {
     pub bus: Bus,
     /// Fault table.
     pub faults: Faults,
+    /// Becomes `true` when the simulator stops (ends the event streams).
+    pub shutdown: watch::Receiver<bool>,
 }
 
 /// A running simulated site.
@@ -131,6 +133,7 @@ impl Sim {
             locks,
             bus: ctx.bus.clone(),
             faults: ctx.faults.clone(),
+            shutdown: ctx.shutdown.clone(),
         });
         let listen = control_listen.unwrap_or(&site.sim.control_listen);
         let listener = tokio::net::TcpListener::bind(listen)
