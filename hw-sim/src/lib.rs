@@ -10,6 +10,7 @@
 //! - [`control`]: the control API technicians and tests drive the site with.
 //! - [`observe`]: the observation bus (monotonic nanosecond timestamps).
 //! - [`fault`]: injected faults.
+//! - [`gate`]: gates open when their strike coil energises (the position sensor follows).
 //! - [`pty`]: pseudo-terminal pairs linked where the site file names serial devices.
 //! - [`scenario`]: timed steps with expectations (`hw-sim run`).
 //!
@@ -18,6 +19,7 @@
 pub mod config;
 pub mod control;
 pub mod fault;
+pub mod gate;
 pub mod keypad;
 pub mod locks;
 pub mod observe;
@@ -135,6 +137,7 @@ impl Sim {
             faults: ctx.faults.clone(),
             shutdown: ctx.shutdown.clone(),
         });
+        gate::start(&site.devices.keypads, &registry, &ctx);
         let listen = control_listen.unwrap_or(&site.sim.control_listen);
         let listener = tokio::net::TcpListener::bind(listen)
             .await

@@ -243,7 +243,9 @@ impl Board {
     /// Serves one request addressed to `unit`: the whole device behaviour, transport aside.
     async fn handle(&self, unit: u8, incoming: Incoming, transport: &'static str) -> Outcome {
         // On a shared bus the other slaves' requests pass by: only ours (and broadcasts).
-        if unit != self.cfg.unit_id && unit != 0 {
+        // Over TCP the unit id 0xFF means "the device at this address" (Modbus TCP spec).
+        let ours = unit == self.cfg.unit_id || unit == 0 || (transport == "tcp" && unit == 0xFF);
+        if !ours {
             tracing::trace!(board = %self.id(), unit, "request for another unit ignored");
             return Outcome::Silent;
         }
