@@ -136,7 +136,7 @@ pub enum Step {
         #[serde(default = "default_within")]
         within_ms: u64,
     },
-    /// An observation arrives (after the previous step started) whose data holds `data`.
+    /// An observation arrives (after the last action started) whose data holds `data`.
     ExpectEvent {
         /// Device id.
         device: String,
@@ -164,6 +164,14 @@ pub enum Step {
 }
 
 impl Step {
+    /// Whether the step does something (rather than waiting or checking).
+    pub fn is_action(&self) -> bool {
+        matches!(
+            self,
+            Step::Press { .. } | Step::Door { .. } | Step::Fault { .. } | Step::Clear { .. }
+        )
+    }
+
     /// One line describing the step.
     pub fn describe(&self) -> String {
         match self {
@@ -544,6 +552,8 @@ pub async fn run(scenario: &Scenario, base: &str) -> Report {
     };
     let mut steps = Vec::new();
     let mut failed = false;
+    // An expected event counts if it came after the last action started.
+    let mut action_start = started;
     for (i, step) in scenario.steps.iter().enumerate() {
         let what = step.describe();
         if failed {
@@ -557,7 +567,10 @@ pub async fn run(scenario: &Scenario, base: &str) -> Report {
             continue;
         }
         let t0 = Instant::now();
-        let result = runner.run_step(step, t0).await;
+        if step.is_action() {
+            action_start = t0;
+        }
+        let result = runner.run_step(step, action_start).await;
         failed = result.is_err();
         let (ok, detail) = match result {
             Ok(d) => (true, d),
