@@ -29,7 +29,7 @@ fn shipped_scenarios_pass_against_the_demo_site() {
         "--ephemeral",
     ]);
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("8 passed, 0 failed"), "{out}");
+    assert!(out.contains("11 passed, 0 failed"), "{out}");
     assert!(out.contains("7 passed, 0 failed"), "{out}");
 }
 
