@@ -18,6 +18,351 @@ pub struct Config {
     pub api: ApiConfig,
     /// Logging.
     pub log: LogConfig,
+    /// The site's hardware (the same section hw-sim reads).
+    pub devices: DevicesConfig,
+    /// hw-sim's own section when the site file is shared with the simulator: ignored here.
+    #[serde(skip_serializing)]
+    pub sim: Option<toml_ignored::Ignored>,
+}
+
+/// A section that is accepted and ignored.
+pub mod toml_ignored {
+    /// Any value, dropped.
+    #[derive(Debug, Clone, Default)]
+    pub struct Ignored;
+
+    impl<'de> serde::Deserialize<'de> for Ignored {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            serde::de::IgnoredAny::deserialize(d).map(|_| Ignored)
+        }
+    }
+}
+
+/// `[devices]`: gate keypads, relay boards, the smart-lock API.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// OSDP keypads at the gates.
+    pub keypads: Vec<KeypadConfig>,
+    /// Modbus relay / sensor boards.
+    pub relay_boards: Vec<RelayBoardConfig>,
+    /// The smart-lock vendor API.
+    pub lock_api: Option<LockApiConfig>,
+}
+
+/// A coil on a relay board.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoilRef {
+    /// Board id.
+    pub board: String,
+    /// Coil number (0-based).
+    pub coil: u16,
+}
+
+/// A discrete input on a relay board.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputRef {
+    /// Board id.
+    pub board: String,
+    /// Input number (0-based).
+    pub input: u16,
+}
+
+/// `[[devices.keypads]]`: an OSDP reader (keypad, LED, buzzer, display) at a gate.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeypadConfig {
+    /// Device id, e.g. `gate-1`.
+    pub id: String,
+    /// The gate zone it guards (units list the zones their tenants may pass).
+    pub zone: String,
+    /// Serial device of the RS-485 line (e.g. `/dev/unitgate-rs485-0`). Empty: use `tcp`.
+    #[serde(default)]
+    pub port: String,
+    /// Baud rate (9600 or 115200).
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// OSDP over TCP at `host:port`, used when `port` is empty.
+    #[serde(default)]
+    pub tcp: String,
+    /// OSDP address of the reader (0-126).
+    #[serde(default)]
+    pub address: u8,
+    /// Secure channel base key, 32 hex digits. Required unless `install_mode`.
+    #[serde(default)]
+    pub scbk: String,
+    /// Commissioning only: allow plaintext and the default key (SCBK-D).
+    #[serde(default)]
+    pub install_mode: bool,
+    /// The gate strike this keypad opens.
+    pub gate: Option<CoilRef>,
+    /// The gate position input (on = open).
+    #[serde(default)]
+    pub gate_sensor: Option<InputRef>,
+    /// How long a granted entry holds the strike, in milliseconds.
+    #[serde(default = "default_pulse_ms")]
+    pub pulse_ms: u64,
+}
+
+impl std::fmt::Debug for KeypadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The secure channel key stays out of logs.
+        f.debug_struct("KeypadConfig")
+            .field("id", &self.id)
+            .field("zone", &self.zone)
+            .field("port", &self.port)
+            .field("tcp", &self.tcp)
+            .field("address", &self.address)
+            .field("secure", &!self.scbk.is_empty())
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_baud() -> u32 {
+    9600
+}
+fn default_pulse_ms() -> u64 {
+    3000
+}
+
+/// Transport of a relay board.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModbusTransport {
+    /// Modbus TCP.
+    Tcp,
+    /// Modbus RTU on a serial line.
+    Rtu,
+}
+
+/// `[[devices.relay_boards]]`: coils (gate strikes, overlock relays) and discrete inputs
+/// (door sensors, gate position).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayBoardConfig {
+    /// Device id, e.g. `relay-1`.
+    pub id: String,
+    /// `tcp` or `rtu`.
+    pub transport: ModbusTransport,
+    /// TCP: `host:port`.
+    #[serde(default)]
+    pub address: String,
+    /// RTU: the serial device.
+    #[serde(default)]
+    pub port: String,
+    /// RTU: baud rate.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    /// RTU: `none`, `even` or `odd`.
+    #[serde(default = "default_parity")]
+    pub parity: String,
+    /// RTU: 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// Modbus unit (slave) id.
+    #[serde(default = "default_unit_id")]
+    pub unit_id: u8,
+    /// Number of coils.
+    pub coils: u16,
+    /// Number of discrete inputs.
+    pub inputs: u16,
+    /// Simulator only: its response delay (ignored by the gateway).
+    #[serde(default, skip_serializing)]
+    pub response_delay_ms: Option<u64>,
+    /// How long to wait for an answer, in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How often to read the inputs, in milliseconds.
+    #[serde(default = "default_poll_ms")]
+    pub poll_ms: u64,
+}
+
+fn default_parity() -> String {
+    "none".into()
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_unit_id() -> u8 {
+    1
+}
+fn default_timeout_ms() -> u64 {
+    500
+}
+fn default_poll_ms() -> u64 {
+    250
+}
+
+/// `[devices.lock_api]`: the smart-lock vendor API.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockApiConfig {
+    /// Device id.
+    #[serde(default = "default_lock_api_id")]
+    pub id: String,
+    /// Base URL of the vendor API.
+    pub url: String,
+    /// File holding the API key (or set `UNITGATE_LOCK_API_KEY`). Never the key itself.
+    #[serde(default)]
+    pub api_key_file: PathBuf,
+    /// Request timeout, in milliseconds.
+    #[serde(default = "default_lock_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Simulator only: its rate limit (ignored by the gateway).
+    #[serde(default, skip_serializing)]
+    pub rate_limit_per_s: Option<u32>,
+    /// Simulator only: the lock ids it serves (ignored by the gateway).
+    #[serde(default, skip_serializing)]
+    pub locks: Option<Vec<String>>,
+}
+
+fn default_lock_api_id() -> String {
+    "locks".into()
+}
+fn default_lock_timeout_ms() -> u64 {
+    5000
+}
+
+/// OSDP's well-known default secure channel key (SCBK-D): refused outside install mode.
+pub const SCBK_DEFAULT: &str = "303132333435363738393a3b3c3d3e3f";
+
+impl DevicesConfig {
+    /// Every problem, each naming its key.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        let mut p = Vec::new();
+        let mut bad = |key: String, message: String| p.push(ConfigProblem { key, message });
+        let mut ids = std::collections::HashSet::new();
+        let boards: std::collections::HashMap<&str, &RelayBoardConfig> = self
+            .relay_boards
+            .iter()
+            .map(|b| (b.id.as_str(), b))
+            .collect();
+        for (i, b) in self.relay_boards.iter().enumerate() {
+            let key = format!("devices.relay_boards[{i}]");
+            if crate::domain::unit::validate_id(&b.id).is_err() || !ids.insert(b.id.clone()) {
+                bad(
+                    format!("{key}.id"),
+                    format!("{:?} must be a unique id", b.id),
+                );
+            }
+            match b.transport {
+                ModbusTransport::Tcp if b.address.parse::<SocketAddr>().is_err() => bad(
+                    format!("{key}.address"),
+                    "tcp boards need \"IP:PORT\"".into(),
+                ),
+                ModbusTransport::Rtu if b.port.is_empty() => bad(
+                    format!("{key}.port"),
+                    "rtu boards need a serial device (e.g. /dev/unitgate-rs485-0)".into(),
+                ),
+                _ => {}
+            }
+            if !["none", "even", "odd"].contains(&b.parity.as_str()) {
+                bad(format!("{key}.parity"), "none, even or odd".into());
+            }
+            if !(1..=2).contains(&b.stop_bits) {
+                bad(format!("{key}.stop_bits"), "1 or 2".into());
+            }
+            if !(1..=247).contains(&b.unit_id) {
+                bad(format!("{key}.unit_id"), "1 to 247".into());
+            }
+            if !(10..=10_000).contains(&b.timeout_ms) {
+                bad(format!("{key}.timeout_ms"), "10 to 10000".into());
+            }
+            if !(20..=60_000).contains(&b.poll_ms) {
+                bad(format!("{key}.poll_ms"), "20 to 60000".into());
+            }
+        }
+        let coil_ok = |c: &CoilRef| {
+            boards
+                .get(c.board.as_str())
+                .is_some_and(|b| c.coil < b.coils)
+        };
+        let input_ok = |c: &InputRef| {
+            boards
+                .get(c.board.as_str())
+                .is_some_and(|b| c.input < b.inputs)
+        };
+        for (i, k) in self.keypads.iter().enumerate() {
+            let key = format!("devices.keypads[{i}]");
+            if crate::domain::unit::validate_id(&k.id).is_err() || !ids.insert(k.id.clone()) {
+                bad(
+                    format!("{key}.id"),
+                    format!("{:?} must be a unique id", k.id),
+                );
+            }
+            if crate::domain::unit::validate_id(&k.zone).is_err() {
+                bad(
+                    format!("{key}.zone"),
+                    "must be set (the zone units list in `zones`)".into(),
+                );
+            }
+            if k.port.is_empty() && k.tcp.is_empty() {
+                bad(format!("{key}.port"), "set port (serial) or tcp".into());
+            }
+            if !k.tcp.is_empty() && k.tcp.parse::<SocketAddr>().is_err() {
+                bad(format!("{key}.tcp"), "must be \"IP:PORT\"".into());
+            }
+            if ![9600, 19200, 38400, 57600, 115200].contains(&k.baud) {
+                bad(
+                    format!("{key}.baud"),
+                    "9600, 19200, 38400, 57600 or 115200".into(),
+                );
+            }
+            if k.address > 126 {
+                bad(format!("{key}.address"), "0 to 126".into());
+            }
+            let hex = k.scbk.len() == 32 && k.scbk.bytes().all(|b| b.is_ascii_hexdigit());
+            if !k.scbk.is_empty() && !hex {
+                bad(format!("{key}.scbk"), "must be 32 hex digits".into());
+            } else if !k.install_mode && k.scbk.is_empty() {
+                bad(
+                    format!("{key}.scbk"),
+                    "a secure channel key is required (plaintext only with install_mode = true)"
+                        .into(),
+                );
+            } else if !k.install_mode && k.scbk.eq_ignore_ascii_case(SCBK_DEFAULT) {
+                bad(
+                    format!("{key}.scbk"),
+                    "the OSDP default key is refused outside install_mode".into(),
+                );
+            }
+            if k.gate.as_ref().is_some_and(|g| !coil_ok(g)) {
+                bad(
+                    format!("{key}.gate"),
+                    "names a board or coil that is not configured".into(),
+                );
+            }
+            if k.gate_sensor.as_ref().is_some_and(|g| !input_ok(g)) {
+                bad(
+                    format!("{key}.gate_sensor"),
+                    "names a board or input that is not configured".into(),
+                );
+            }
+            if !(100..=60_000).contains(&k.pulse_ms) {
+                bad(format!("{key}.pulse_ms"), "100 to 60000".into());
+            }
+        }
+        if let Some(l) = &self.lock_api {
+            if !ids.insert(l.id.clone()) {
+                bad(
+                    "devices.lock_api.id".into(),
+                    format!("{:?} is used by another device", l.id),
+                );
+            }
+            if !(l.url.starts_with("https://") || l.url.starts_with("http://")) {
+                bad(
+                    "devices.lock_api.url".into(),
+                    "must be an https:// (or http:// on a trusted link) URL".into(),
+                );
+            }
+            if !(100..=60_000).contains(&l.timeout_ms) {
+                bad("devices.lock_api.timeout_ms".into(), "100 to 60000".into());
+            }
+        }
+        p
+    }
 }
 
 /// `[site]`.
@@ -361,6 +706,9 @@ impl Config {
                 }
             }
         }
+        for d in self.devices.problems() {
+            bad(&d.key, d.message);
+        }
         if !["auto", "human", "json"].contains(&self.log.format.as_str()) {
             bad(
                 "log.format",
@@ -475,6 +823,59 @@ mod tests {
                 .tls_client_ca
                 .as_os_str()
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_sim_site_file_is_a_valid_devices_section() {
+        let sim = include_str!("../config/sim.toml");
+        let c = Config::from_toml(&format!("{}\n{sim}", minimal())).unwrap();
+        assert_eq!(c.devices.keypads.len(), 2);
+        assert_eq!(c.devices.relay_boards.len(), 2);
+        assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn device_problems_name_their_keys() {
+        let text = format!(
+            "{}\n{}",
+            minimal(),
+            r#"
+            [[devices.keypads]]
+            id = "gate-1"
+            zone = "main-gate"
+            tcp = "127.0.0.1:1"
+            gate = { board = "relay-9", coil = 0 }
+            [[devices.keypads]]
+            id = "gate-2"
+            zone = "main-gate"
+            port = "/dev/ttyUSB0"
+            scbk = "303132333435363738393A3B3C3D3E3F"
+            [[devices.relay_boards]]
+            id = "relay-1"
+            transport = "rtu"
+            coils = 4
+            inputs = 4
+            [devices.lock_api]
+            url = "ftp://locks"
+            "#
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let keys: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "devices.relay_boards[0].port",
+                "devices.keypads[0].scbk",
+                "devices.keypads[0].gate",
+                "devices.keypads[1].scbk",
+                "devices.lock_api.url",
+            ]
         );
     }
 
