@@ -1,7 +1,9 @@
-//! The pure domain core: statuses, the allocation state machine, unit records and
+//! The pure domain core: statuses, the allocation state machine, desired hardware state,
+//! unit records and
 //! their validation, access hours, PIN hashing. No I/O, no async, no SQL.
 
 pub mod allocation;
+pub mod desired;
 pub mod event;
 pub mod hours;
 pub mod patch;
