@@ -135,6 +135,12 @@ impl Gateway {
             pin_key,
             clock,
             i64::from(cfg.api.idempotency_ttl_hours) * 3600,
+        )
+        .with_lock_api(
+            cfg.devices
+                .lock_api
+                .as_ref()
+                .map_or(crate::command::DEFAULT_LOCK_API, |l| &l.id),
         );
         let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
             .await

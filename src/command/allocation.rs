@@ -142,6 +142,7 @@ pub fn write_transition(
         Some(id) => people::tenancy(conn, id)?.map(|t| t.contact_id),
         None => None,
     };
+    ctx.refresh_hardware(conn, &t.unit_id)?;
     for kind in &t.events {
         ctx.emit(
             conn,

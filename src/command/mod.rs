@@ -7,9 +7,11 @@ pub mod unit;
 pub mod upsert;
 
 use crate::api::error::ApiError;
+use crate::domain::desired;
 use crate::domain::pin::PinKey;
+use crate::domain::unit::UnitRecord;
 use crate::domain::{EventType, FieldError};
-use crate::store::{self, Store, StoreError, events, idempotency};
+use crate::store::{self, Store, StoreError, events, idempotency, outbox};
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use rusqlite::Connection;
@@ -129,6 +131,8 @@ pub struct Context {
     pub now: DateTime<Utc>,
     /// Expected unit version from `If-Match`, if any.
     pub if_match: Option<i64>,
+    /// The device id of the lock API (where smart-lock targets go).
+    pub lock_api: String,
 }
 
 impl Context {
@@ -145,6 +149,29 @@ impl Context {
         data: serde_json::Value,
     ) -> Result<i64, StoreError> {
         events::append(conn, kind, &data, self.now)
+    }
+
+    /// Queues the hardware state a unit now needs (in the caller's transaction).
+    pub fn refresh_hardware(&self, conn: &Connection, unit_id: &str) -> Result<(), StoreError> {
+        if let Some(row) = store::units::get(conn, unit_id)?
+            && let Some(t) = desired::unit_target(&row.record, row.contact_id.as_deref())
+        {
+            outbox::set_desired(conn, t.device(&self.lock_api), &t)?;
+        }
+        Ok(())
+    }
+
+    /// Frees the hardware a unit was bound to (binding changed or unit removed): the lock
+    /// goes unassigned, the overlock coil energised.
+    pub fn release_hardware(&self, conn: &Connection, old: &UnitRecord) -> Result<(), StoreError> {
+        let free = UnitRecord {
+            status: crate::domain::UnitStatus::Available,
+            ..old.clone()
+        };
+        if let Some(t) = desired::unit_target(&free, None) {
+            outbox::set_desired(conn, t.device(&self.lock_api), &t)?;
+        }
+        Ok(())
     }
 
     /// Refuses with 409 when `If-Match` names another version.
@@ -214,7 +241,11 @@ pub struct Executor {
     pin_key: PinKey,
     clock: Clock,
     idempotency_ttl_s: i64,
+    lock_api: String,
 }
+
+/// The lock API's device id when the config names none.
+pub const DEFAULT_LOCK_API: &str = "locks";
 
 impl std::fmt::Debug for Executor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -241,7 +272,14 @@ impl Executor {
             pin_key,
             clock,
             idempotency_ttl_s,
+            lock_api: DEFAULT_LOCK_API.to_owned(),
         }
+    }
+
+    /// Names the device that carries smart-lock targets (the configured lock API's id).
+    pub fn with_lock_api(mut self, id: &str) -> Self {
+        self.lock_api = id.to_owned();
+        self
     }
 
     /// The store.
@@ -273,6 +311,7 @@ impl Executor {
             pin_key: self.pin_key.clone(),
             now: self.now(),
             if_match: env.if_match,
+            lock_api: self.lock_api.clone(),
         };
         let request_id = env.request_id.clone();
         let ttl = self.idempotency_ttl_s;

@@ -553,9 +553,14 @@ fn apply_plan(conn: &Connection, ctx: &Context, plan: Planned) -> Result<Snapsho
             None => inserts.push(u),
         }
     }
-    r.units.updated = write_updates(conn, ctx, &updates)?.len() as u64;
+    // Units whose hardware may need another state: refreshed once everything is written.
+    let mut touched: HashSet<String> = HashSet::new();
+    let updated = write_updates(conn, ctx, &updates)?;
+    r.units.updated = updated.len() as u64;
+    touched.extend(updated);
     for u in &inserts {
         units::insert(conn, u, now)?;
+        touched.insert(u.id.clone());
         ctx.emit(
             conn,
             EventType::UnitCreated,
@@ -565,22 +570,44 @@ fn apply_plan(conn: &Connection, ctx: &Context, plan: Planned) -> Result<Snapsho
     r.units.created = inserts.len() as u64;
 
     // Allocations in: new and changed.
+    for a in old_allocs.values() {
+        if want_allocs.get(a.id.as_str()).is_none_or(|new| *new != a) {
+            touched.insert(a.unit_id.clone());
+        }
+    }
+    let moved_tenancies: HashSet<&str> = plan
+        .tenancies
+        .iter()
+        .filter(|t| {
+            old_tenancies
+                .get(&t.id)
+                .is_some_and(|o| o.contact_id != t.contact_id)
+        })
+        .map(|t| t.id.as_str())
+        .collect();
     for a in &plan.allocations {
+        if a.ended_at.is_none() && moved_tenancies.contains(a.tenancy_id.as_str()) {
+            touched.insert(a.unit_id.clone());
+        }
         match old_allocs.get(&a.id) {
             Some(o) if o == a => {}
             Some(_) => {
+                touched.insert(a.unit_id.clone());
                 people::put_allocation(conn, a)?;
                 r.allocations.updated += 1;
             }
             None => {
                 people::put_allocation(conn, a)?;
                 r.allocations.created += 1;
+                touched.insert(a.unit_id.clone());
             }
         }
     }
 
     // Deletions, children before parents.
     for u in &leaving {
+        ctx.release_hardware(conn, u)?;
+        touched.remove(&u.id);
         units::delete(conn, &u.id)?;
         ctx.emit(
             conn,
@@ -608,6 +635,11 @@ fn apply_plan(conn: &Connection, ctx: &Context, plan: Planned) -> Result<Snapsho
     for id in old_types.keys().filter(|id| !want.contains(id.as_str())) {
         people::delete_unit_type(conn, id)?;
         r.unit_types.deleted += 1;
+    }
+    let mut touched: Vec<String> = touched.into_iter().collect();
+    touched.sort();
+    for id in &touched {
+        ctx.refresh_hardware(conn, id)?;
     }
     r.events = r.units.created + r.units.updated + r.units.deleted;
     Ok(r)

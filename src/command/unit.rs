@@ -330,6 +330,7 @@ fn insert_all(
     let mut views = Vec::with_capacity(records.len());
     for r in records {
         units::insert(conn, r, ctx.now)?;
+        ctx.refresh_hardware(conn, &r.id)?;
         ctx.emit(
             conn,
             EventType::UnitCreated,
@@ -437,6 +438,10 @@ pub fn write_updates(
         let mut next = new.clone();
         next.version = old.version + 1;
         units::update(conn, &next, ctx.now)?;
+        if old.bindings.lock != next.bindings.lock {
+            ctx.release_hardware(conn, old)?;
+        }
+        ctx.refresh_hardware(conn, &next.id)?;
         let mut data = json!({ "unit_id": next.id, "changed": fields, "version": next.version });
         if old.status != next.status {
             data["from"] = json!(old.status);

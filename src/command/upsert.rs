@@ -268,6 +268,15 @@ impl UpsertTenancy {
         if changed {
             record.version = old.as_ref().map_or(1, |o| o.version + 1);
             people::put_tenancy(conn, &record, ctx.now)?;
+            // Another tenant holds the tenancy's units now: their locks follow.
+            if old
+                .as_ref()
+                .is_some_and(|o| o.contact_id != record.contact_id)
+            {
+                for unit in people::active_units_of_tenancy(conn, &self.id)? {
+                    ctx.refresh_hardware(conn, &unit)?;
+                }
+            }
         }
         let now = people::tenancy(conn, &self.id)?.ok_or_else(ApiError::internal)?;
         upserted(

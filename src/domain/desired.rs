@@ -9,10 +9,10 @@
 
 use super::UnitStatus;
 use super::unit::{LockBinding, UnitRecord};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// What a smart lock should be.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum LockTarget {
     /// Nobody's lock.
@@ -44,7 +44,7 @@ pub enum GateAccess {
 }
 
 /// A piece of hardware and the state it should be in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Target {
     /// A smart lock at the lock API.

@@ -1,6 +1,5 @@
 //! The pure domain core: statuses, the allocation state machine, desired hardware state,
-//! unit records and
-//! their validation, access hours, PIN hashing. No I/O, no async, no SQL.
+//! unit records and their validation, access hours, PIN hashing. No I/O, no async, no SQL.
 
 pub mod allocation;
 pub mod desired;

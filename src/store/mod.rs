@@ -8,6 +8,7 @@
 
 pub mod events;
 pub mod idempotency;
+pub mod outbox;
 pub mod people;
 pub mod schema;
 pub mod site;

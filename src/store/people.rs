@@ -293,6 +293,20 @@ pub fn active_allocation(
         .optional()?)
 }
 
+/// The units of a tenancy's active allocations.
+pub fn active_units_of_tenancy(
+    conn: &Connection,
+    tenancy_id: &str,
+) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT unit_id FROM unit_allocations WHERE tenancy_id = ?1 AND ended_at IS NULL ORDER BY unit_id",
+    )?;
+    let rows = stmt
+        .query_map([tenancy_id], |r| r.get(0))?
+        .collect::<Result<Vec<String>, _>>()?;
+    Ok(rows)
+}
+
 /// Every allocation (active and ended).
 pub fn allocations(conn: &Connection) -> Result<Vec<AllocationView>, StoreError> {
     let mut stmt = conn.prepare(&format!(

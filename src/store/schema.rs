@@ -84,6 +84,21 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX idempotency_by_age ON idempotency(created_at);
     "#,
+    // 2: the durable per-device command queue, as desired vs applied state per target.
+    r#"
+    CREATE TABLE device_targets (
+        device           TEXT NOT NULL,
+        target           TEXT NOT NULL,
+        desired          TEXT NOT NULL,
+        applied          TEXT,
+        seq              INTEGER NOT NULL,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        next_attempt_ms  INTEGER NOT NULL DEFAULT 0,
+        last_error       TEXT,
+        PRIMARY KEY (device, target)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX device_targets_pending ON device_targets(device, seq) WHERE applied IS NOT desired;
+    "#,
 ];
 
 /// The schema version this build writes.
