@@ -11,6 +11,8 @@
 //! - [`api`]: the error shape and the HTTP API (axum); MQTT joins here.
 //! - [`model`]: what the APIs return.
 //! - [`config`]: the configuration file, env overrides and validation.
+//! - [`devices`]: the device drivers (Modbus relay boards, smart-lock API, OSDP keypads), each a task
+//!   behind a handle.
 //! - [`gateway`]: starts and stops the parts in order.
 //! - [`demo`]: the demo site.
 
@@ -18,6 +20,7 @@ pub mod api;
 pub mod command;
 pub mod config;
 pub mod demo;
+pub mod devices;
 pub mod domain;
 pub mod gateway;
 pub mod model;
