@@ -91,7 +91,8 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
 pub struct JsonBody<T> {
     /// The typed body.
     pub value: T,
-    /// The body re-serialized canonically (sorted keys), for idempotency fingerprints.
+    /// The body re-serialized canonically (sorted keys), for idempotency fingerprints;
+    /// empty when the request carries no `Idempotency-Key`.
     pub canonical: Vec<u8>,
 }
 
@@ -99,6 +100,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        // The canonical form only matters for an idempotency fingerprint.
+        let keyed = req.headers().contains_key("idempotency-key");
         let json_type = req
             .headers()
             .get(header::CONTENT_TYPE)
@@ -153,7 +156,11 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 "must be a JSON object",
             )]));
         }
-        let canonical = serde_json::to_vec(&value).unwrap_or_default();
+        let canonical = if keyed {
+            serde_json::to_vec(&value).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         let value =
             crate::command::unit::parse_at(value, "").map_err(|e| ApiError::validation(vec![e]))?;
         Ok(JsonBody { value, canonical })
