@@ -39,15 +39,28 @@ pub mod toml_ignored {
 }
 
 /// `[devices]`: gate keypads, relay boards, the smart-lock API.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DevicesConfig {
+    /// How often every device's actual state is read back and drift corrected, in seconds.
+    pub reconcile_s: u64,
     /// OSDP keypads at the gates.
     pub keypads: Vec<KeypadConfig>,
     /// Modbus relay / sensor boards.
     pub relay_boards: Vec<RelayBoardConfig>,
     /// The smart-lock vendor API.
     pub lock_api: Option<LockApiConfig>,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            reconcile_s: 30,
+            keypads: Vec::new(),
+            relay_boards: Vec::new(),
+            lock_api: None,
+        }
+    }
 }
 
 /// A coil on a relay board.
@@ -233,6 +246,9 @@ impl DevicesConfig {
     pub fn problems(&self) -> Vec<ConfigProblem> {
         let mut p = Vec::new();
         let mut bad = |key: String, message: String| p.push(ConfigProblem { key, message });
+        if !(1..=86_400).contains(&self.reconcile_s) {
+            bad("devices.reconcile_s".into(), "1 to 86400 seconds".into());
+        }
         let mut ids = std::collections::HashSet::new();
         let boards: std::collections::HashMap<&str, &RelayBoardConfig> = self
             .relay_boards
@@ -789,6 +805,22 @@ mod tests {
                 "api.tokens[0].scopes"
             ]
         );
+    }
+
+    #[test]
+    fn reconcile_period_defaults_to_30_s_and_is_bounded() {
+        assert_eq!(
+            Config::from_toml(&minimal()).unwrap().devices.reconcile_s,
+            30
+        );
+        let c = Config::from_toml(&format!("{}\n[devices]\nreconcile_s = 0\n", minimal())).unwrap();
+        let keys: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(keys, ["devices.reconcile_s"]);
     }
 
     #[test]

@@ -3,12 +3,17 @@
 use crate::api::http::{self, Limits, auth::Tokens};
 use crate::command::{Clock, Executor};
 use crate::config::Config;
+use crate::devices::modbus::{InputEvent, RelayBoards};
+use crate::devices::smartlock::{DriverSettings, LockDriver, ReferenceProvider};
 use crate::domain::pin::PinKey;
+use crate::reconcile::{DeviceHandle, DeviceKind, DeviceRegistry, Reconciler};
 use crate::store::{Store, StoreError, site};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use tokio::sync::oneshot;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// Errors starting the gateway.
@@ -36,6 +41,9 @@ pub enum GatewayError {
     /// The HTTPS certificate, key or client CA cannot be used (the message names the key).
     #[error("{0}")]
     Tls(#[from] http::tls::TlsError),
+    /// The relay boards or the lock API cannot be set up from the config.
+    #[error("devices: {0}")]
+    Devices(String),
 }
 
 /// A running gateway.
@@ -44,8 +52,12 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// The command executor (tests and the demo use it directly).
     pub executor: Executor,
+    /// Every configured device and its health.
+    pub devices: DeviceRegistry,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
+    hardware_stop: watch::Sender<bool>,
+    hardware: Vec<JoinHandle<()>>,
 }
 
 /// Reads the PIN key, creating it (0600, 32 random bytes) on first start.
@@ -107,6 +119,67 @@ pub async fn open_store(cfg: &Config, clock: &Clock) -> Result<Store, GatewayErr
     Ok(store)
 }
 
+/// Builds the relay board and lock API drivers from the config and spawns them with their
+/// reconcilers. Keypads are listed (offline) but not driven yet.
+fn start_hardware(
+    cfg: &Config,
+    executor: &Executor,
+    committed: Arc<Notify>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(DeviceRegistry, Vec<JoinHandle<()>>), GatewayError> {
+    let registry = DeviceRegistry::default();
+    let mut tasks = Vec::new();
+    let period = Duration::from_secs(cfg.devices.reconcile_s.max(1));
+    let mut handles = Vec::new();
+    if !cfg.devices.relay_boards.is_empty() {
+        // Input changes have no consumer yet (keypads and door alarms come later): drain them.
+        let (input_tx, mut inputs) = mpsc::channel::<InputEvent>(256);
+        tasks.push(tokio::spawn(async move {
+            while let Some(ev) = inputs.recv().await {
+                tracing::trace!(?ev, "relay input");
+            }
+        }));
+        let boards = RelayBoards::new(&cfg.devices.relay_boards, input_tx)
+            .map_err(|e| GatewayError::Devices(e.to_string()))?;
+        for link in boards.links {
+            tasks.push(tokio::spawn(link.run(shutdown.clone())));
+        }
+        for b in &cfg.devices.relay_boards {
+            if let Some(h) = boards.boards.get(&b.id) {
+                registry.add(&b.id, DeviceKind::RelayBoard, None);
+                handles.push(DeviceHandle::Board(h.clone()));
+            }
+        }
+    }
+    if let Some(l) = &cfg.devices.lock_api {
+        let provider =
+            ReferenceProvider::from_config(l).map_err(|e| GatewayError::Devices(e.to_string()))?;
+        let settings = DriverSettings {
+            // The outbox retries later; do not hold the lock queue for a minute per lock.
+            give_up_after: Duration::from_secs(15),
+            ..DriverSettings::default()
+        };
+        let (driver, handle) = LockDriver::new(&l.id, provider, settings);
+        tasks.push(tokio::spawn(driver.run(shutdown.clone())));
+        registry.add(&l.id, DeviceKind::LockApi, None);
+        handles.push(DeviceHandle::Locks(handle));
+    }
+    for k in &cfg.devices.keypads {
+        registry.add(&k.id, DeviceKind::Keypad, Some(k.zone.clone()));
+    }
+    for h in handles {
+        let r = Reconciler::new(
+            h,
+            executor.clone(),
+            committed.clone(),
+            registry.clone(),
+            period,
+        );
+        tasks.push(tokio::spawn(r.run(shutdown.clone())));
+    }
+    Ok((registry, tasks))
+}
+
 impl Gateway {
     /// Starts everything for a validated config; the API listens before this returns.
     pub async fn start(cfg: &Config, clock: Clock) -> Result<Gateway, GatewayError> {
@@ -128,6 +201,7 @@ impl Gateway {
             .map_err(|_| StoreError::Closed)??
         };
         let store = open_store(cfg, &clock).await?;
+        let committed = Arc::new(Notify::new());
         let executor = Executor::new(
             store,
             cfg.site.id.clone(),
@@ -141,7 +215,10 @@ impl Gateway {
                 .lock_api
                 .as_ref()
                 .map_or(crate::command::DEFAULT_LOCK_API, |l| &l.id),
-        );
+        )
+        .with_commit_notify(committed.clone());
+        let (hardware_stop, hw_shutdown) = watch::channel(false);
+        let (devices, hardware) = start_hardware(cfg, &executor, committed, hw_shutdown)?;
         let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
             .await
             .map_err(|source| GatewayError::Listen {
@@ -158,10 +235,11 @@ impl Gateway {
             max_body_bytes: cfg.api.max_body_bytes,
             max_snapshot_bytes: cfg.api.max_snapshot_bytes,
         };
-        let router = http::router(
+        let router = http::router_with_devices(
             executor.clone(),
             Tokens::from_config(&cfg.api.tokens),
             limits,
+            devices.clone(),
         );
         let (stop, stopped) = oneshot::channel::<()>();
         let tls_on = tls.is_some();
@@ -186,8 +264,11 @@ impl Gateway {
         Ok(Gateway {
             addr,
             executor,
+            devices,
             stop: Some(stop),
             server,
+            hardware_stop,
+            hardware,
         })
     }
 
@@ -197,6 +278,18 @@ impl Gateway {
             let _ = s.send(());
         }
         let _ = (&mut self.server).await;
+        let _ = self.hardware_stop.send(true);
+        for task in self.hardware.drain(..) {
+            // Every driver and reconciler ends its current I/O within its timeout; a task
+            // stuck longer is abandoned.
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
         let executor = self.executor;
         // The last store handle closes the writer thread after its final commit.
         let _ = tokio::task::spawn_blocking(move || drop(executor)).await;

@@ -13,6 +13,8 @@
 //! - [`config`]: the configuration file, env overrides and validation.
 //! - [`devices`]: the device drivers (Modbus relay boards, smart-lock API, OSDP keypads), each a task
 //!   behind a handle.
+//! - [`reconcile`]: one task per relay board and per lock API delivering the outbox through
+//!   the drivers, reading back drift, reporting health.
 //! - [`gateway`]: starts and stops the parts in order.
 //! - [`demo`]: the demo site.
 
@@ -24,4 +26,5 @@ pub mod devices;
 pub mod domain;
 pub mod gateway;
 pub mod model;
+pub mod reconcile;
 pub mod store;

@@ -16,6 +16,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use rusqlite::Connection;
 use std::sync::Arc;
+use tokio::sync::Notify;
 
 /// Every mutating operation of the API.
 #[derive(Debug, Clone)]
@@ -242,6 +243,7 @@ pub struct Executor {
     clock: Clock,
     idempotency_ttl_s: i64,
     lock_api: String,
+    committed: Option<Arc<Notify>>,
 }
 
 /// The lock API's device id when the config names none.
@@ -273,7 +275,15 @@ impl Executor {
             clock,
             idempotency_ttl_s,
             lock_api: DEFAULT_LOCK_API.to_owned(),
+            committed: None,
         }
+    }
+
+    /// Pings `notify` after every command that committed a change (a 2xx reply), so the
+    /// hardware reconcilers pick up new outbox rows at once.
+    pub fn with_commit_notify(mut self, notify: Arc<Notify>) -> Self {
+        self.committed = Some(notify);
+        self
     }
 
     /// Names the device that carries smart-lock targets (the configured lock API's id).
@@ -328,6 +338,12 @@ impl Executor {
                     replayed = reply.replayed,
                     "command"
                 );
+                if (200..300).contains(&reply.status)
+                    && !reply.replayed
+                    && let Some(n) = &self.committed
+                {
+                    n.notify_waiters();
+                }
                 reply
             }
             Err(e) => {

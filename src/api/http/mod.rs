@@ -28,6 +28,8 @@ pub struct AppInner {
     pub executor: Executor,
     /// Configured tokens.
     pub tokens: Tokens,
+    /// Devices and their health (`GET /v1/devices`).
+    pub devices: crate::reconcile::DeviceRegistry,
 }
 
 impl std::ops::Deref for AppState {
@@ -46,9 +48,23 @@ pub struct Limits {
     pub max_snapshot_bytes: usize,
 }
 
-/// Builds the router with its middleware.
+/// Builds the router with its middleware (no devices).
 pub fn router(executor: Executor, tokens: Tokens, limits: Limits) -> Router {
-    let state = AppState(Arc::new(AppInner { executor, tokens }));
+    router_with_devices(executor, tokens, limits, Default::default())
+}
+
+/// Builds the router with its middleware, showing `devices` at `GET /v1/devices`.
+pub fn router_with_devices(
+    executor: Executor,
+    tokens: Tokens,
+    limits: Limits,
+    devices: crate::reconcile::DeviceRegistry,
+) -> Router {
+    let state = AppState(Arc::new(AppInner {
+        executor,
+        tokens,
+        devices,
+    }));
     let (api, _) = routes::api(limits).split_for_parts();
     api.fallback(|| async { ApiError::new(404, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {

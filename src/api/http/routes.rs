@@ -117,6 +117,7 @@ pub fn api(limits: Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(get_contact, put_contact))
         .routes(routes!(get_tenancy, put_tenancy))
         .routes(routes!(list_events))
+        .routes(routes!(list_devices))
         .routes(routes!(healthz))
         .routes(routes!(openapi_json))
         .merge(snapshot)
@@ -675,6 +676,54 @@ async fn list_events(
         next_after,
     })
     .into_response())
+}
+
+/// One device with its health and hardware queue (DESIGN.md §4).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeviceInfo {
+    /// Device id.
+    pub id: String,
+    /// `relay_board`, `lock_api` or `keypad`.
+    pub kind: crate::reconcile::DeviceKind,
+    /// The zone a keypad guards.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Whether it answers (keypads: always false until their driver is wired).
+    pub online: bool,
+    /// Targets waiting for delivery.
+    pub queue_depth: u64,
+    /// The latest device or delivery failure.
+    pub last_error: Option<String>,
+}
+
+/// The configured devices, their health and pending hardware commands.
+#[utoipa::path(get, path = "/v1/devices", tag = "operations",
+    responses((status = 200, body = Vec<DeviceInfo>), Errors))]
+async fn list_devices(
+    State(s): State<AppState>,
+    _: Authorized<needs::Read>,
+) -> Result<Response, ApiError> {
+    let entries = s.devices.list();
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let depths = read(&s, move |c| {
+        ids.iter()
+            .map(|id| Ok(crate::store::outbox::depth(c, id)?))
+            .collect::<Result<Vec<_>, ApiError>>()
+    })
+    .await?;
+    let list: Vec<DeviceInfo> = entries
+        .into_iter()
+        .zip(depths)
+        .map(|(e, (queue_depth, queue_error))| DeviceInfo {
+            id: e.id,
+            kind: e.kind,
+            zone: e.zone,
+            online: e.online,
+            queue_depth,
+            last_error: e.last_error.or(queue_error),
+        })
+        .collect();
+    Ok(Json(list).into_response())
 }
 
 /// Liveness and readiness: 200 when the replica answers. No token needed.

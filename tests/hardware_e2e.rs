@@ -1,0 +1,400 @@
+//! End to end: the gateway with its reconcilers against hw-sim's relay board (Modbus TCP)
+//! and lock API, observed through the simulator's control API. Every wait polls with a
+//! deadline.
+
+mod common;
+
+use common::{TestClock, TestGateway, test_config};
+use hw_sim::Sim;
+use hw_sim::config::SiteFile;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::time::Instant;
+use unitgate::config::{LockApiConfig, ModbusTransport, RelayBoardConfig};
+
+const BOARD: &str = "relay-1";
+const LOCKS: &str = "locks";
+const KEY: &str = "e2e-key-0123456789";
+/// Poll interval of every wait.
+const POLL: Duration = Duration::from_millis(20);
+
+struct Site {
+    sim: Sim,
+    http: reqwest::Client,
+    t: TestGateway,
+    _sim_dir: tempfile::TempDir,
+}
+
+impl Site {
+    /// hw-sim with one TCP relay board and a lock API serving lock-1..lock-3, and the
+    /// gateway configured with their real addresses, reading back every `reconcile_s`.
+    async fn start(reconcile_s: u64) -> Site {
+        let sim_dir = tempfile::tempdir().expect("tempdir");
+        let key_file = sim_dir.path().join("lock-api.key");
+        std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
+        let toml = format!(
+            r#"
+[[devices.relay_boards]]
+id = "{BOARD}"
+transport = "tcp"
+address = "127.0.0.1:0"
+unit_id = 1
+coils = 8
+inputs = 8
+
+[devices.lock_api]
+id = "{LOCKS}"
+url = "http://127.0.0.1:0/vendor"
+api_key_file = {:?}
+locks = ["lock-1", "lock-2", "lock-3"]
+"#,
+            key_file.display().to_string()
+        );
+        let site = SiteFile::parse(&toml).expect("site file");
+        let sim = Sim::start(&site, Some("127.0.0.1:0")).await.expect("sim");
+        let http = reqwest::Client::new();
+        let devices: Value = http
+            .get(format!("{}/devices", sim.control_url()))
+            .send()
+            .await
+            .expect("control API")
+            .json()
+            .await
+            .expect("devices JSON");
+        let find = |id: &str| -> Value {
+            devices
+                .as_array()
+                .and_then(|l| l.iter().find(|d| d["id"] == id))
+                .cloned()
+                .unwrap_or_else(|| panic!("{id} in {devices}"))
+        };
+        let board_addr = find(BOARD)["address"]["address"]
+            .as_str()
+            .expect("board address")
+            .to_owned();
+        let lock_url = find(LOCKS)["address"]["url"]
+            .as_str()
+            .expect("lock url")
+            .to_owned();
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = test_config(dir.path());
+        cfg.devices.reconcile_s = reconcile_s;
+        cfg.devices.relay_boards = vec![RelayBoardConfig {
+            id: BOARD.into(),
+            transport: ModbusTransport::Tcp,
+            address: board_addr,
+            port: String::new(),
+            baud: 9600,
+            parity: "none".into(),
+            stop_bits: 1,
+            unit_id: 1,
+            coils: 8,
+            inputs: 8,
+            response_delay_ms: None,
+            timeout_ms: 200,
+            poll_ms: 100,
+        }];
+        cfg.devices.lock_api = Some(LockApiConfig {
+            id: LOCKS.into(),
+            url: lock_url,
+            api_key_file: key_file,
+            timeout_ms: 2000,
+            rate_limit_per_s: None,
+            locks: None,
+        });
+        cfg.validate().expect("valid config");
+        let t = TestGateway::start_with(dir, cfg, TestClock::at("2026-03-10T12:00:00Z")).await;
+        t.seed(6).await;
+        Site {
+            sim,
+            http,
+            t,
+            _sim_dir: sim_dir,
+        }
+    }
+
+    async fn control(&self, path: &str) -> Value {
+        self.http
+            .get(format!("{}{path}", self.sim.control_url()))
+            .send()
+            .await
+            .expect("control API")
+            .json()
+            .await
+            .expect("control JSON")
+    }
+
+    async fn coils(&self) -> Vec<bool> {
+        self.control(&format!("/relays/{BOARD}")).await["coils"]
+            .as_array()
+            .expect("coils")
+            .iter()
+            .map(|v| v.as_bool().expect("bool"))
+            .collect()
+    }
+
+    async fn lock(&self, id: &str) -> (String, Option<String>) {
+        let v = self.control(&format!("/locks/{id}")).await;
+        (
+            v["state"].as_str().unwrap_or_default().to_owned(),
+            v["assigned_to"].as_str().map(str::to_owned),
+        )
+    }
+
+    async fn device(&self, id: &str) -> Value {
+        let a = self.t.get("/v1/devices").await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+        a.body
+            .as_array()
+            .and_then(|l| l.iter().find(|d| d["id"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} in {:?}", a.body))
+    }
+
+    async fn bind(&self, unit: &str, binding: Value) {
+        let a = self
+            .t
+            .patch(
+                &format!("/v1/units/{unit}"),
+                json!({"unit": {"lock": binding}}),
+            )
+            .await;
+        assert_eq!(a.status, 200, "{:?}", a.body);
+    }
+
+    async fn ok(&self, path: &str, body: Value) {
+        let a = self.t.post(path, body).await;
+        assert_eq!(a.status, 200, "{path}: {:?}", a.body);
+    }
+
+    async fn fault(&self, device: &str, kind: &str, ms: u64) {
+        let r = self
+            .http
+            .post(format!("{}/faults", self.sim.control_url()))
+            .json(&json!({"device": device, "kind": kind, "duration_ms": ms}))
+            .send()
+            .await
+            .expect("POST /faults");
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+
+    async fn stop(self) {
+        self.t.stop().await;
+    }
+}
+
+/// Polls `check` until it returns true or `within` passes; returns the time it took.
+async fn until<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(POLL).await; // poll interval, not a wait for the outcome
+    }
+}
+
+#[tokio::test]
+async fn smart_locks_follow_grant_overlock_and_deallocate() {
+    let s = Site::start(30).await;
+    s.bind("u1", json!({"kind": "smart_lock", "id": "lock-1"}))
+        .await;
+    s.ok(
+        "/v1/units/u1/grant_access",
+        json!({"tenancy_id": "t-started"}),
+    )
+    .await;
+    let took = until("lock-1 assigned to c2", Duration::from_secs(5), || async {
+        s.lock("lock-1").await == ("assigned".into(), Some("c2".into()))
+    })
+    .await;
+    println!("grant_access → lock assigned in {took:?}");
+
+    s.ok("/v1/contacts/c2/overlock", json!({})).await;
+    until("lock-1 overlocked", Duration::from_secs(5), || async {
+        s.lock("lock-1").await.0 == "overlocked"
+    })
+    .await;
+
+    s.ok("/v1/units/u1/deallocate", json!({})).await;
+    let took = until("lock-1 unassigned", Duration::from_secs(5), || async {
+        s.lock("lock-1").await == ("unassigned".into(), None)
+    })
+    .await;
+    println!("deallocate of an overlocked unit → lock unassigned in {took:?}");
+    assert_eq!(s.lock("lock-2").await, ("unassigned".into(), None));
+
+    until("lock queue drained", Duration::from_secs(5), || async {
+        let d = s.device(LOCKS).await;
+        d["queue_depth"] == 0 && d["online"] == true
+    })
+    .await;
+    let d = s.device(LOCKS).await;
+    assert_eq!(d["kind"], "lock_api");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn overlock_switches_exactly_the_contacts_coils_and_deallocate_locks_the_unit() {
+    let s = Site::start(30).await;
+    for n in 1..=5u16 {
+        s.bind(
+            &format!("u{n}"),
+            json!({"kind": "relay", "board": BOARD, "coil": n}),
+        )
+        .await;
+    }
+    // u1-u3 to c2, u4 to c3: their overlocks lift; u5 stays available (coil on).
+    for u in ["u1", "u2", "u3"] {
+        s.ok(
+            &format!("/v1/units/{u}/grant_access"),
+            json!({"tenancy_id": "t-started"}),
+        )
+        .await;
+    }
+    let a =
+        s.t.put(
+            "/v1/tenancies/t-c3",
+            json!({"contact_id": "c3", "start_date": "2026-03-01"}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    s.ok("/v1/units/u4/grant_access", json!({"tenancy_id": "t-c3"}))
+        .await;
+    let before = vec![false, false, false, false, false, true, false, false];
+    until("coils after grants", Duration::from_secs(5), || async {
+        s.coils().await == before
+    })
+    .await;
+
+    s.ok("/v1/contacts/c2/overlock", json!({})).await;
+    let after = vec![false, true, true, true, false, true, false, false];
+    let took = until(
+        "exactly c2's three coils on",
+        Duration::from_secs(5),
+        || async { s.coils().await == after },
+    )
+    .await;
+    println!("overlock of 3 relay-bound units → coils on in {took:?}");
+
+    s.ok("/v1/units/u4/deallocate", json!({})).await;
+    until("u4's coil on", Duration::from_secs(5), || async {
+        s.coils().await[4]
+    })
+    .await;
+    until("relay queue drained", Duration::from_secs(5), || async {
+        let d = s.device(BOARD).await;
+        d["queue_depth"] == 0 && d["online"] == true
+    })
+    .await;
+    assert_eq!(s.device(BOARD).await["kind"], "relay_board");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_made_while_the_board_is_offline_lands_after_recovery() {
+    let s = Site::start(30).await;
+    s.bind("u1", json!({"kind": "relay", "board": BOARD, "coil": 1}))
+        .await;
+    until("coil 1 on", Duration::from_secs(5), || async {
+        s.coils().await[1]
+    })
+    .await;
+    let seq = s.t.last_seq().await;
+
+    s.fault(BOARD, "offline", 3000).await;
+    until("board seen offline", Duration::from_secs(5), || async {
+        s.device(BOARD).await["online"] == false
+    })
+    .await;
+    s.ok(
+        "/v1/units/u1/grant_access",
+        json!({"tenancy_id": "t-started"}),
+    )
+    .await;
+    let d = s.device(BOARD).await;
+    assert_eq!(d["queue_depth"], 1, "{d}");
+    assert!(d["last_error"].is_string(), "{d}");
+
+    until("board back online", Duration::from_secs(20), || async {
+        s.device(BOARD).await["online"] == true
+    })
+    .await;
+    let took = until(
+        "the change within 2 s of recovery",
+        Duration::from_secs(2),
+        || async { !s.coils().await[1] },
+    )
+    .await;
+    println!("offline board: change landed {took:?} after the gateway saw it online");
+
+    let evs = s.t.events_after(seq).await;
+    let of = |kind: &str| {
+        evs.iter()
+            .position(|e| e["type"] == kind && e["data"]["device"] == BOARD)
+    };
+    let (off, on) = (of("device.offline"), of("device.online"));
+    assert!(
+        matches!((off, on), (Some(a), Some(b)) if a < b),
+        "offline then online: {evs:?}"
+    );
+    let off = &evs[off.unwrap_or_default()]["data"];
+    assert_eq!(off["kind"], "relay_board");
+    assert!(off["error"].is_string(), "{off}");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_coil_flipped_behind_the_gateways_back_is_restored_within_one_period() {
+    use tokio_modbus::client::Writer;
+    let s = Site::start(1).await;
+    s.bind("u1", json!({"kind": "relay", "board": BOARD, "coil": 3}))
+        .await;
+    s.ok(
+        "/v1/units/u1/grant_access",
+        json!({"tenancy_id": "t-started"}),
+    )
+    .await;
+    s.bind("u2", json!({"kind": "relay", "board": BOARD, "coil": 2}))
+        .await;
+    until("coil 2 on, coil 3 off", Duration::from_secs(5), || async {
+        let c = s.coils().await;
+        c[2] && !c[3]
+    })
+    .await;
+
+    let addr = s.t.cfg.devices.relay_boards[0]
+        .address
+        .parse()
+        .expect("address");
+    let mut ctx = tokio_modbus::client::tcp::connect_slave(addr, tokio_modbus::Slave(1))
+        .await
+        .expect("bare client connects");
+    ctx.write_single_coil(3, true)
+        .await
+        .expect("transport")
+        .expect("no exception");
+    ctx.write_single_coil(2, false)
+        .await
+        .expect("transport")
+        .expect("no exception");
+    let c = s.coils().await;
+    assert!(c[3] && !c[2], "the flips took: {c:?}");
+    let took = until(
+        "drift corrected within one period (1 s)",
+        Duration::from_millis(1500),
+        || async {
+            let c = s.coils().await;
+            c[2] && !c[3]
+        },
+    )
+    .await;
+    println!("drift corrected in {took:?} (reconcile_s = 1)");
+    s.stop().await;
+}
