@@ -365,7 +365,8 @@ impl Reconciler {
                 force = false;
             }
             tokio::select! {
-                _ = shutdown.changed() => {}
+                // A dropped sender means the gateway is gone: stop (never spin on the error).
+                r = shutdown.changed() => if r.is_err() { return; },
                 _ = &mut notified => {}
                 _ = tick.tick() => {}
                 _ = tokio::time::sleep_until(next_read) => {}
