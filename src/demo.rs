@@ -10,6 +10,46 @@ use serde_json::{Value, json};
 /// The demo's configuration file, built in so the demo runs from any directory.
 pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
 
+/// The demo site's hardware (hw-sim's site file; its `[devices]` are the gateway's too).
+pub const SIM_CONFIG: &str = include_str!("../config/sim.toml");
+
+/// Starts the demo site's hardware in-process and points the gateway's `[devices]` at it.
+/// The lock API key is made up once and kept in the data directory (0600).
+#[cfg(feature = "demo-sim")]
+pub async fn start_hardware(
+    cfg: &mut crate::config::Config,
+    sim_listen: &str,
+) -> Result<hw_sim::Sim, DemoError> {
+    use std::io::Write;
+    let key_path = cfg.store.data_dir.join("lock-api.key");
+    if !key_path.exists() {
+        std::fs::create_dir_all(&cfg.store.data_dir)
+            .map_err(|e| DemoError::Hardware(e.to_string()))?;
+        let key = hex::encode(rand::random::<[u8; 16]>());
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        opts.open(&key_path)
+            .and_then(|mut f| f.write_all(key.as_bytes()))
+            .map_err(|e| DemoError::Hardware(format!("{}: {e}", key_path.display())))?;
+    }
+    let mut site = hw_sim::config::SiteFile::parse(SIM_CONFIG).map_err(DemoError::Hardware)?;
+    if let Some(l) = &mut site.devices.lock_api {
+        l.api_key_file = key_path.clone();
+    }
+    let sim = hw_sim::Sim::start(&site, Some(sim_listen))
+        .await
+        .map_err(|e| DemoError::Hardware(e.to_string()))?;
+    let with_devices = crate::config::Config::from_toml(&format!("{DEMO_CONFIG}\n{SIM_CONFIG}"))
+        .map_err(|e| DemoError::Hardware(e.to_string()))?;
+    cfg.devices = with_devices.devices;
+    if let Some(l) = &mut cfg.devices.lock_api {
+        l.api_key_file = key_path;
+    }
+    Ok(sim)
+}
+
 /// The demo snapshot for a site whose local date is `today`.
 pub fn snapshot(today: NaiveDate) -> Value {
     let day = |offset: i64| -> String {
@@ -125,6 +165,9 @@ pub enum DemoError {
     /// Store trouble.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The simulated hardware did not start.
+    #[error("simulated hardware: {0}")]
+    Hardware(String),
 }
 
 /// Seeds the demo site unless the replica already holds units. Returns whether it seeded.

@@ -41,6 +41,9 @@ enum Cmd {
         /// Keep the replica here (default: a temporary directory removed on exit).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Control API of the simulated hardware (hw-sim).
+        #[arg(long, default_value = "127.0.0.1:9900")]
+        sim_listen: String,
     },
     /// Check a configuration file; prints every problem with its key and exits 1 if any.
     CheckConfig {
@@ -129,6 +132,7 @@ async fn main() -> Result<()> {
             listen,
             token,
             data_dir,
+            sim_listen,
         } => {
             let mut cfg = Config::from_toml(unitgate::demo::DEMO_CONFIG)?;
             init_logging(&cfg.log.level, &cfg.log.format);
@@ -151,6 +155,10 @@ async fn main() -> Result<()> {
                 sha256: token_hash_hex(&token),
                 scopes: vec!["admin".into()],
             }];
+            #[cfg(feature = "demo-sim")]
+            let sim = unitgate::demo::start_hardware(&mut cfg, &sim_listen).await?;
+            #[cfg(not(feature = "demo-sim"))]
+            let _ = sim_listen;
             if let Err(problems) = cfg.validate() {
                 for p in problems {
                     eprintln!("{p}");
@@ -168,6 +176,12 @@ async fn main() -> Result<()> {
             println!("  API:      {url}/v1   (OpenAPI: {url}/openapi.json)");
             println!("  data dir: {}", cfg.store.data_dir.display());
             println!("  token:    {token}");
+            #[cfg(feature = "demo-sim")]
+            println!(
+                "  hardware: {} (hw-sim ctl show --url {})",
+                sim.control_url(),
+                sim.control_url()
+            );
             println!();
             println!("  export UNITGATE_URL={url} TOKEN={token}");
             println!(
@@ -175,7 +189,10 @@ async fn main() -> Result<()> {
             );
             println!();
             println!("Ctrl-C to stop.");
-            run_until_signal(gw).await
+            let result = run_until_signal(gw).await;
+            #[cfg(feature = "demo-sim")]
+            sim.stop().await;
+            result
         }
         Cmd::CheckConfig { config } => {
             let cfg = match Config::load_unchecked(Some(&config)) {
