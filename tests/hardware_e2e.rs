@@ -398,3 +398,85 @@ async fn a_coil_flipped_behind_the_gateways_back_is_restored_within_one_period()
     println!("drift corrected in {took:?} (reconcile_s = 1)");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn commands_queued_to_an_offline_board_survive_a_restart_and_land_once() {
+    let mut s = Site::start(30).await;
+    for n in 1..=3u16 {
+        s.bind(
+            &format!("u{n}"),
+            json!({"kind": "relay", "board": BOARD, "coil": n}),
+        )
+        .await;
+    }
+    s.ok(
+        "/v1/units/u1/grant_access",
+        json!({"tenancy_id": "t-started"}),
+    )
+    .await;
+    until(
+        "coil 1 off (u1 occupied)",
+        Duration::from_secs(5),
+        || async { s.coils().await[1..=3] == [false, true, true] },
+    )
+    .await;
+    let mut seen = s.sim.registry.bus.subscribe();
+
+    // The board goes silent; changes pile up in the durable queue.
+    s.fault(BOARD, "offline", 120_000).await;
+    until("board seen offline", Duration::from_secs(5), || async {
+        s.device(BOARD).await["online"] == false
+    })
+    .await;
+    s.ok("/v1/contacts/c2/overlock", json!({})).await; // u1: coil on ...
+    s.ok("/v1/contacts/c2/remove_overlock", json!({})).await; // ... and off again: nothing to send
+    s.ok(
+        "/v1/units/u2/grant_access",
+        json!({"tenancy_id": "t-started"}),
+    )
+    .await; // u2: coil off
+    assert_eq!(
+        s.device(BOARD).await["queue_depth"],
+        1,
+        "coalesced to one command"
+    );
+
+    // The gateway dies with the command queued; it comes back on the same files.
+    s.t.restart().await;
+    assert_eq!(
+        s.device(BOARD).await["queue_depth"],
+        1,
+        "the queue survived the restart"
+    );
+
+    let cleared = s
+        .http
+        .delete(format!("{}/faults?device={BOARD}", s.sim.control_url()))
+        .send()
+        .await
+        .expect("DELETE /faults");
+    assert!(cleared.status().is_success());
+    until(
+        "coil 2 off after recovery",
+        Duration::from_secs(15),
+        || async { s.coils().await[1..=3] == [false, false, true] },
+    )
+    .await;
+    until("queue drained", Duration::from_secs(5), || async {
+        s.device(BOARD).await["queue_depth"] == 0
+    })
+    .await;
+    // Each coil moved exactly as often as its state changed: u1's superseded pair never
+    // reached the board, u2's command landed once.
+    let mut changes = Vec::new();
+    while let Ok(o) = seen.try_recv() {
+        if o.device == BOARD && o.kind == "coil_changed" {
+            changes.push((
+                o.data["coil"].as_u64().unwrap_or(99),
+                o.data["on"].as_bool(),
+            ));
+        }
+    }
+    assert_eq!(changes, vec![(2, Some(false))]);
+    s.stop().await;
+}
