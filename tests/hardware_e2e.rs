@@ -480,3 +480,61 @@ async fn commands_queued_to_an_offline_board_survive_a_restart_and_land_once() {
     assert_eq!(changes, vec![(2, Some(false))]);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_lock_change_survives_503_then_429_and_converges_after_recovery() {
+    let s = Site::start(30).await;
+    s.bind("u1", json!({"kind": "smart_lock", "id": "lock-1"}))
+        .await;
+    until("lock API idle", Duration::from_secs(5), || async {
+        s.device(LOCKS).await["queue_depth"] == 0
+    })
+    .await;
+    let mut seen = s.sim.registry.bus.subscribe();
+    s.fault(LOCKS, "http503", 1500).await;
+    s.ok(
+        "/v1/units/u1/grant_access",
+        json!({"tenancy_id": "t-started"}),
+    )
+    .await;
+    let faults = || async { s.control("/faults").await };
+    until("503 over", Duration::from_secs(5), || async {
+        faults().await == json!([])
+    })
+    .await;
+    let r = s
+        .http
+        .post(format!("{}/faults", s.sim.control_url()))
+        .json(&json!({"device": LOCKS, "kind": "http429", "value": 1, "duration_ms": 1000}))
+        .send()
+        .await
+        .expect("POST /faults");
+    assert!(r.status().is_success());
+    until("429 over", Duration::from_secs(5), || async {
+        faults().await == json!([])
+    })
+    .await;
+    let took = until(
+        "lock-1 assigned after recovery",
+        Duration::from_secs(2),
+        || async { s.lock("lock-1").await == ("assigned".into(), Some("c2".into())) },
+    )
+    .await;
+    println!("converged {took:?} after the faults ended");
+    // Backed off, not hammered: a handful of requests over ~2.5 s of faults.
+    let mut requests = 0;
+    while let Ok(o) = seen.try_recv() {
+        if o.device == LOCKS && o.kind == "http_request" {
+            requests += 1;
+        }
+    }
+    assert!(
+        (2..=25).contains(&requests),
+        "{requests} requests during the outage"
+    );
+    until("queue drained", Duration::from_secs(5), || async {
+        s.device(LOCKS).await["queue_depth"] == 0
+    })
+    .await;
+    s.stop().await;
+}
