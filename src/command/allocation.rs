@@ -124,8 +124,8 @@ pub fn write_transition(
             Some(a)
         }
         AllocationChange::Grant | AllocationChange::End => {
-            let mut a = people::active_allocation(conn, &t.unit_id)?
-                .ok_or_else(|| ApiError::internal().with_details(vec![]))?;
+            let mut a =
+                people::active_allocation(conn, &t.unit_id)?.ok_or_else(ApiError::internal)?;
             if t.allocation == AllocationChange::Grant {
                 a.granted_access_at = Some(now.clone());
                 a.granted_access_by = by.clone();

@@ -227,43 +227,15 @@ fn json_opt<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, StoreE
     Ok(v.as_ref().map(serde_json::to_string).transpose()?)
 }
 
-/// Inserts a new unit.
-pub fn insert(
+/// Runs an insert or update whose parameters are the unit's columns in table order
+/// (`?1` id .. `?9` version, `?10` the time).
+fn write(
     conn: &Connection,
+    sql: &str,
     u: &UnitRecord,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), StoreError> {
-    let ts = timestamp(now);
-    conn.prepare_cached(
-        "INSERT INTO units (id, name, unit_type_id, status, attrs, zones, lock, door_sensor, version, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
-    )?
-    .execute(params![
-        u.id,
-        u.name,
-        u.unit_type_id,
-        u.status.as_str(),
-        serde_json::to_string(&u.attrs)?,
-        serde_json::to_string(&u.bindings.zones)?,
-        json_opt(&u.bindings.lock)?,
-        json_opt(&u.bindings.door_sensor)?,
-        u.version,
-        ts
-    ])?;
-    Ok(())
-}
-
-/// Writes every field of an existing unit (the caller has bumped `version`).
-pub fn update(
-    conn: &Connection,
-    u: &UnitRecord,
-    now: chrono::DateTime<chrono::Utc>,
-) -> Result<(), StoreError> {
-    conn.prepare_cached(
-        "UPDATE units SET name = ?2, unit_type_id = ?3, status = ?4, attrs = ?5, zones = ?6, lock = ?7,
-            door_sensor = ?8, version = ?9, updated_at = ?10 WHERE id = ?1",
-    )?
-    .execute(params![
+    conn.prepare_cached(sql)?.execute(params![
         u.id,
         u.name,
         u.unit_type_id,
@@ -276,6 +248,36 @@ pub fn update(
         timestamp(now)
     ])?;
     Ok(())
+}
+
+/// Inserts a new unit.
+pub fn insert(
+    conn: &Connection,
+    u: &UnitRecord,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), StoreError> {
+    write(
+        conn,
+        "INSERT INTO units (id, name, unit_type_id, status, attrs, zones, lock, door_sensor, version, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
+        u,
+        now,
+    )
+}
+
+/// Writes every field of an existing unit (the caller has bumped `version`).
+pub fn update(
+    conn: &Connection,
+    u: &UnitRecord,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), StoreError> {
+    write(
+        conn,
+        "UPDATE units SET name = ?2, unit_type_id = ?3, status = ?4, attrs = ?5, zones = ?6, lock = ?7,
+            door_sensor = ?8, version = ?9, updated_at = ?10 WHERE id = ?1",
+        u,
+        now,
+    )
 }
 
 /// Sets a unit's status and bumps its version; returns the new version.
