@@ -82,7 +82,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
         .route("/relays/{id}", get(relay))
         .route("/relays/{id}/inputs/{n}", post(set_input))
         .route("/locks", get(locks))
-        .route("/locks/{id}", get(lock))
+        .route("/locks/{id}", get(lock).put(set_lock))
         .route(
             "/faults",
             post(set_fault).delete(clear_faults).get(list_faults),
@@ -181,6 +181,30 @@ async fn lock(State(r): St, Path(id): Path<String>) -> Result<Response, ControlE
         .as_ref()
         .ok_or_else(|| not_found("lock API", "locks"))?;
     let lock = l.lock(&id).ok_or_else(|| not_found("lock", &id))?;
+    Ok(Json(lock).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManualLock {
+    state: crate::locks::Status,
+    #[serde(default)]
+    assigned_to: Option<String>,
+}
+
+/// Changes a lock as if someone did it at the lock: the gateway is not told.
+async fn set_lock(
+    State(r): St,
+    Path(id): Path<String>,
+    JsonBody(b): JsonBody<ManualLock>,
+) -> Result<Response, ControlError> {
+    let l = r
+        .locks
+        .as_ref()
+        .ok_or_else(|| not_found("lock API", "locks"))?;
+    let lock = l
+        .set_manually(&id, b.state, b.assigned_to)
+        .ok_or_else(|| not_found("lock", &id))?;
     Ok(Json(lock).into_response())
 }
 

@@ -68,6 +68,18 @@ enum CtlCmd {
         /// Lock id.
         id: String,
     },
+    /// Change a smart lock at the lock itself, behind the gateway's back (drift), e.g.
+    /// `set-lock lock-A01 unassigned` or `set-lock lock-A01 assigned --tenant c7`.
+    SetLock {
+        /// Lock id.
+        id: String,
+        /// `unassigned`, `assigned` or `overlocked`.
+        #[arg(value_parser = ["unassigned", "assigned", "overlocked"])]
+        state: String,
+        /// The tenant reference (assigned or overlocked).
+        #[arg(long)]
+        tenant: Option<String>,
+    },
     /// Inject a fault on a device for a while.
     Fault {
         /// Device id.
@@ -276,6 +288,11 @@ async fn command(ctl: &Control, cmd: CtlCmd, raw: bool) -> Result<String, Failur
         }
         CtlCmd::Locks => ctl.get(&["locks"]).await?,
         CtlCmd::Lock { id } => ctl.get(&["locks", id]).await?,
+        CtlCmd::SetLock { id, state, tenant } => {
+            let body = json!({"state": state, "assigned_to": tenant});
+            ctl.call(Method::PUT, ctl.url(&["locks", id]), Some(body))
+                .await?
+        }
         CtlCmd::Fault {
             device,
             kind,
@@ -325,7 +342,7 @@ async fn command(ctl: &Control, cmd: CtlCmd, raw: bool) -> Result<String, Failur
             )
         }
         CtlCmd::Locks => render_locks(&v),
-        CtlCmd::Lock { .. } => render_lock(&v) + "\n",
+        CtlCmd::Lock { .. } | CtlCmd::SetLock { .. } => render_lock(&v) + "\n",
         CtlCmd::Fault { device, .. } => {
             format!("{device}: {}\n", render_faults(&v["faults"]))
         }

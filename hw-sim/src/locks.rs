@@ -124,6 +124,14 @@ pub enum Action {
     Overlock,
     /// `POST .../remove_overlock`.
     RemoveOverlock,
+    /// Changed at the lock itself (installer, vendor app), not through the API: the
+    /// control API's `PUT /locks/{id}`, for drift tests. Always accepted.
+    Manual {
+        /// The new state.
+        state: Status,
+        /// The tenant while assigned or overlocked; dropped when `state` is unassigned.
+        assigned_to: Option<String>,
+    },
 }
 
 impl Action {
@@ -134,6 +142,7 @@ impl Action {
             Action::Unassign => "unassign",
             Action::Overlock => "overlock",
             Action::RemoveOverlock => "remove_overlock",
+            Action::Manual { .. } => "manual",
         }
     }
 }
@@ -169,6 +178,13 @@ impl LockState {
                 }
             },
             Action::Overlock => next.state = Status::Overlocked,
+            Action::Manual { state, assigned_to } => {
+                next.state = *state;
+                next.assigned_to = match state {
+                    Status::Unassigned => None,
+                    _ => assigned_to.clone(),
+                };
+            }
             Action::RemoveOverlock => {
                 if self.state == Status::Overlocked {
                     next.state = if self.assigned_to.is_some() {
@@ -410,6 +426,19 @@ impl LockApi {
     pub fn lock(&self, id: &str) -> Option<LockState> {
         let site = locked(&self.shared.site);
         site.index.get(id).map(|&i| site.locks[i].clone())
+    }
+
+    /// Changes a lock at the lock itself, behind any API client's back (a drift for the
+    /// gateway's reconciler to find). Shows in the activity log as `manual`.
+    pub fn set_manually(
+        &self,
+        id: &str,
+        state: Status,
+        assigned_to: Option<String>,
+    ) -> Option<LockState> {
+        self.shared
+            .apply(id, Action::Manual { state, assigned_to })
+            .ok()
     }
 
     /// The activity log (every accepted change still kept), oldest first.
@@ -788,6 +817,7 @@ impl Shared {
         site.next_seq += 1;
         let tenant_ref = match &action {
             Action::Assign(t) => Some(t.clone()),
+            Action::Manual { .. } => after.assigned_to.clone().or(before.assigned_to.clone()),
             _ => before.assigned_to.clone(),
         };
         site.activity.push_back(ActivityEntry {

@@ -436,6 +436,76 @@ async fn activity_log_lists_accepted_changes() {
 }
 
 #[tokio::test]
+async fn a_change_at_the_lock_itself_is_seen_by_the_api_and_logged_as_manual() {
+    let v = Vendor::start(1000).await;
+    v.post("/v1/locks/u1/assign", Some(json!({"tenant_ref": "t1"})))
+        .await;
+    let put = |path: &str, body: &str| {
+        v.http
+            .put(format!("{}{path}", v.control))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+    };
+    // Someone clears the lock at the lock itself: the vendor API now shows it free.
+    let r = put("/locks/u1", r#"{"state": "unassigned"}"#)
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, u1) = v.get("/v1/locks/u1").await;
+    assert_eq!(
+        u1,
+        json!({"id": "u1", "state": "unassigned", "assigned_to": null})
+    );
+    let r = put(
+        "/locks/u2",
+        r#"{"state": "overlocked", "assigned_to": "t9"}"#,
+    )
+    .await
+    .expect("PUT");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, u2) = v.get("/v1/locks/u2").await;
+    assert_eq!(
+        u2,
+        json!({"id": "u2", "state": "overlocked", "assigned_to": "t9"})
+    );
+    let (_, log) = v.get("/v1/activity").await;
+    let actions: Vec<(&str, &str, &str)> = log
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|e| {
+            (
+                e["lock"].as_str().unwrap_or(""),
+                e["action"].as_str().unwrap_or(""),
+                e["to"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        vec![
+            ("u1", "assign", "assigned"),
+            ("u1", "manual", "unassigned"),
+            ("u2", "manual", "overlocked"),
+        ]
+    );
+    // Bad input changes nothing.
+    for (path, body, status) in [
+        ("/locks/nope", r#"{"state": "unassigned"}"#, 404),
+        ("/locks/u2", r#"{"state": "open"}"#, 400),
+        ("/locks/u2", r#"{"state": "assigned", "x": 1}"#, 400),
+        ("/locks/u2", "{", 400),
+    ] {
+        let r = put(path, body).await.expect("PUT");
+        assert_eq!(r.status().as_u16(), status, "{path} {body}");
+    }
+    let (_, again) = v.get("/v1/locks/u2").await;
+    assert_eq!(again, u2);
+    v.sim.stop().await;
+}
+
+#[tokio::test]
 async fn requests_without_the_key_are_refused() {
     let v = Vendor::start(1000).await;
     assert_eq!(
