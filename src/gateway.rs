@@ -4,9 +4,10 @@ use crate::api::http::{self, Limits, auth::Tokens};
 use crate::command::{Clock, Executor};
 use crate::config::Config;
 use crate::devices::modbus::{InputEvent, RelayBoards};
+use crate::devices::osdp::{self, Keypad, KeyPress, OsdpOptions};
 use crate::devices::smartlock::{DriverSettings, LockDriver, ReferenceProvider};
 use crate::domain::pin::PinKey;
-use crate::reconcile::{DeviceHandle, DeviceKind, DeviceRegistry, Reconciler};
+use crate::reconcile::{DeviceHandle, DeviceKind, DeviceRegistry, HealthReport, Reconciler};
 use crate::store::{Store, StoreError, site};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -119,8 +120,25 @@ pub async fn open_store(cfg: &Config, clock: &Clock) -> Result<Store, GatewayErr
     Ok(store)
 }
 
-/// Builds the relay board and lock API drivers from the config and spawns them with their
-/// reconcilers. Keypads are listed (offline) but not driven yet.
+/// Follows a keypad's link health into the registry and the event log.
+async fn report_keypad(k: Keypad, mut report: HealthReport, mut shutdown: watch::Receiver<bool>) {
+    let mut rx = k.health();
+    loop {
+        let h = rx.borrow_and_update().clone();
+        if h.online {
+            report.record(true, h.last_error).await;
+        } else if h.last_error.is_some() {
+            report.record(false, h.last_error).await;
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return; },
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return; },
+        }
+    }
+}
+
+/// Builds the keypad, relay board and lock API drivers from the config and spawns them,
+/// with a reconciler per relay board and lock API and a health reporter per keypad.
 fn start_hardware(
     cfg: &Config,
     executor: &Executor,
@@ -164,8 +182,33 @@ fn start_hardware(
         registry.add(&l.id, DeviceKind::LockApi, None);
         handles.push(DeviceHandle::Locks(handle));
     }
-    for k in &cfg.devices.keypads {
-        registry.add(&k.id, DeviceKind::Keypad, Some(k.zone.clone()));
+    if !cfg.devices.keypads.is_empty() {
+        // Key presses have no consumer yet (gate access comes next): drain them, and never
+        // log them (they are PINs).
+        let (keys_tx, mut keys) = mpsc::channel::<KeyPress>(256);
+        tasks.push(tokio::spawn(async move { while keys.recv().await.is_some() {} }));
+        let (pads, buses) =
+            osdp::spawn_all(&cfg.devices.keypads, &OsdpOptions::default(), keys_tx, &shutdown)
+                .map_err(|e| GatewayError::Devices(e.to_string()))?;
+        for bus in buses {
+            tasks.push(tokio::spawn(async move {
+                if let Ok(Err(e)) = bus.await {
+                    tracing::error!(error = %e, "OSDP bus stopped");
+                }
+            }));
+        }
+        for k in &cfg.devices.keypads {
+            registry.add(&k.id, DeviceKind::Keypad, Some(k.zone.clone()));
+        }
+        for pad in pads {
+            let report = HealthReport::new(
+                pad.id(),
+                DeviceKind::Keypad,
+                executor.clone(),
+                registry.clone(),
+            );
+            tasks.push(tokio::spawn(report_keypad(pad, report, shutdown.clone())));
+        }
     }
     for h in handles {
         let r = Reconciler::new(

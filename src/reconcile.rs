@@ -10,7 +10,9 @@
 //! Read-back: at start, when the device comes back online and every `reconcile_s`, the
 //! actual coils / locks are read and recorded as applied, so drift behind the gateway's
 //! back becomes pending again and is corrected. When a device comes back online every
-//! pending target is delivered at once, whatever its retry time.
+//! pending target is delivered at once, whatever its retry time. An offline lock API is
+//! probed (its driver retries a read with its backoff, at most 1.6 s apart), so its return
+//! is noticed without waiting for a retry of the queue.
 //!
 //! Health transitions become `device.offline` / `device.online` events, and the
 //! [`DeviceRegistry`] (read by `GET /v1/devices`) holds each device's health.
@@ -163,6 +165,17 @@ impl DeviceHandle {
         }
     }
 
+    /// Asks a device that is offline whether it is back, where nothing else would: a relay
+    /// board's link probes by itself, but the lock API is only called when there is work,
+    /// and an offline device gets none.
+    async fn probe(&self) {
+        if let DeviceHandle::Locks(l) = self {
+            // The outcome shows in the driver's health; the driver retries with its backoff
+            // meanwhile, which is the probe cadence.
+            let _ = l.read_all().await;
+        }
+    }
+
     /// Delivers one target; on success returns the state to record as applied.
     async fn deliver(&self, t: &Target) -> Result<Target, Failure> {
         match (self, t) {
@@ -285,6 +298,75 @@ fn wall_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// A device's health as `GET /v1/devices` and the event log show it: every observation
+/// goes to the [`DeviceRegistry`], and a change of online state becomes a
+/// `device.offline` / `device.online` event (the first contact after start is not one).
+pub struct HealthReport {
+    device: String,
+    kind: DeviceKind,
+    executor: Executor,
+    registry: DeviceRegistry,
+    /// What was last reported: None until the first known state.
+    reported: Option<bool>,
+}
+
+impl HealthReport {
+    /// A report for `device`, which the registry must already list.
+    pub fn new(
+        device: &str,
+        kind: DeviceKind,
+        executor: Executor,
+        registry: DeviceRegistry,
+    ) -> HealthReport {
+        HealthReport {
+            device: device.to_owned(),
+            kind,
+            executor,
+            registry,
+            reported: None,
+        }
+    }
+
+    /// Records what was seen; true when the device has just come online (first contact
+    /// included), which is when its state should be read back.
+    pub async fn record(&mut self, online: bool, error: Option<String>) -> bool {
+        self.registry
+            .set_health(&self.device, online, error.clone());
+        if self.reported == Some(online) {
+            return false;
+        }
+        let was = self.reported.replace(online);
+        if online && was.is_none() {
+            return true; // first contact: nothing to announce
+        }
+        let kind = if online {
+            EventType::DeviceOnline
+        } else {
+            EventType::DeviceOffline
+        };
+        let mut data = serde_json::json!({
+            "device": self.device,
+            "kind": self.kind,
+        });
+        if !online && let Some(e) = &error {
+            data["error"] = serde_json::Value::String(e.clone());
+        }
+        let now = self.executor.now();
+        let r = self
+            .executor
+            .store()
+            .write(move |c| events::append(c, kind, &data, now))
+            .await;
+        match r {
+            Ok(_) => tracing::info!(device = %self.device, online, "device health changed"),
+            Err(e) => {
+                tracing::warn!(device = %self.device, error = %e, "cannot record device health")
+            }
+        }
+        online
+    }
+}
+
 /// One device's reconciler.
 pub struct Reconciler {
     device: String,
@@ -324,8 +406,12 @@ impl Reconciler {
     /// Runs until `shutdown` becomes true.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut health_rx = self.handle.health_rx();
-        // What was last reported as an event: None until the first known state.
-        let mut reported: Option<bool> = None;
+        let mut health = HealthReport::new(
+            &self.device,
+            self.kind,
+            self.executor.clone(),
+            self.registry.clone(),
+        );
         let mut read_due = true;
         let mut force = false;
         let mut next_read = tokio::time::Instant::now();
@@ -341,7 +427,7 @@ impl Reconciler {
             notified.as_mut().enable();
 
             let seen = self.handle.health();
-            self.observe(&seen, &mut reported, &mut read_due, &mut force)
+            self.observe(&seen, &mut health, &mut read_due, &mut force)
                 .await;
             let reachable = !matches!(seen, Seen::Offline(_));
             let now = tokio::time::Instant::now();
@@ -357,6 +443,9 @@ impl Reconciler {
             } else if now >= next_read {
                 // Offline: the read-back waits for its return (`read_due` is set then).
                 next_read = now + self.period;
+            }
+            if !reachable {
+                self.handle.probe().await;
             }
             if !matches!(seen, Seen::Offline(_)) || force {
                 if let Err(e) = self.deliver_due(force).await {
@@ -375,11 +464,11 @@ impl Reconciler {
         }
     }
 
-    /// Publishes health and writes `device.offline` / `device.online` on transitions.
+    /// Publishes health; a device (back) online gets a read-back and a forced delivery.
     async fn observe(
         &self,
         seen: &Seen,
-        reported: &mut Option<bool>,
+        health: &mut HealthReport,
         read_due: &mut bool,
         force: &mut bool,
     ) {
@@ -388,42 +477,9 @@ impl Reconciler {
             Seen::Online(e) => (true, e.clone()),
             Seen::Offline(e) => (false, e.clone()),
         };
-        self.registry
-            .set_health(&self.device, online, error.clone());
-        if *reported == Some(online) {
-            return;
-        }
-        let was = reported.replace(online);
-        if online {
+        if health.record(online, error).await {
             *read_due = true;
             *force = true;
-            if was.is_none() {
-                return; // first contact: nothing to announce
-            }
-        }
-        let kind = if online {
-            EventType::DeviceOnline
-        } else {
-            EventType::DeviceOffline
-        };
-        let mut data = serde_json::json!({
-            "device": self.device,
-            "kind": self.kind,
-        });
-        if !online && let Some(e) = &error {
-            data["error"] = serde_json::Value::String(e.clone());
-        }
-        let now = self.executor.now();
-        let r = self
-            .executor
-            .store()
-            .write(move |c| events::append(c, kind, &data, now))
-            .await;
-        match r {
-            Ok(_) => tracing::info!(device = %self.device, online, "device health changed"),
-            Err(e) => {
-                tracing::warn!(device = %self.device, error = %e, "cannot record device health")
-            }
         }
     }
 

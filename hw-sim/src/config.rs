@@ -40,6 +40,9 @@ pub struct Devices {
     pub relay_boards: Vec<RelayBoardConfig>,
     /// The smart-lock vendor API.
     pub lock_api: Option<LockApiConfig>,
+    /// Gateway only (read-back period); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconcile_s: Option<u64>,
 }
 
 /// A coil on a relay board.
@@ -91,6 +94,15 @@ pub struct KeypadConfig {
     /// The gate position input (open = on).
     #[serde(default)]
     pub gate_sensor: Option<InputRef>,
+    /// Gateway only (plaintext allowed); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_mode: Option<bool>,
+    /// Gateway only (gate pulse length); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulse_ms: Option<u64>,
+    /// Gateway only (declared but not driven); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
 }
 
 fn default_baud() -> u32 {
@@ -141,6 +153,15 @@ pub struct RelayBoardConfig {
     /// Simulator: response delay in milliseconds.
     #[serde(default = "default_delay")]
     pub response_delay_ms: u64,
+    /// Gateway only (request timeout); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Gateway only (input polling); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_ms: Option<u64>,
+    /// Gateway only (declared but not driven); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
 }
 
 fn default_parity() -> String {
@@ -174,6 +195,12 @@ pub struct LockApiConfig {
     /// Simulator: the lock ids it serves.
     #[serde(default)]
     pub locks: Vec<String>,
+    /// Gateway only (request timeout); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Gateway only (declared but not driven); accepted so one file describes the site, ignored here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
 }
 
 fn default_lock_api_id() -> String {

@@ -28,6 +28,9 @@ fn site() -> SiteFile {
                 coils: 10,
                 inputs: 10,
                 response_delay_ms: 0,
+                timeout_ms: None,
+                poll_ms: None,
+                enabled: None,
             }],
             lock_api: Some(LockApiConfig {
                 id: "locks".into(),
@@ -35,6 +38,8 @@ fn site() -> SiteFile {
                 api_key_file: Default::default(),
                 rate_limit_per_s: 1000,
                 locks: vec!["u1".into(), "u2".into(), "u3".into()],
+                timeout_ms: None,
+                enabled: None,
             }),
             ..Default::default()
         },

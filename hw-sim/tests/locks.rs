@@ -22,6 +22,8 @@ fn site(url: &str, rate: u32, key_file: Option<PathBuf>) -> SiteFile {
                 api_key_file: key_file.unwrap_or_default(),
                 rate_limit_per_s: rate,
                 locks: vec!["u1".into(), "u2".into(), "u3".into()],
+                timeout_ms: None,
+                enabled: None,
             }),
             ..Default::default()
         },

@@ -11,7 +11,7 @@
 //! timeouts or transport errors and online again on its first answer (a device exception
 //! is an answer). While offline, requests fail at once with [`ModbusError::Offline`] and the
 //! link probes the board with capped exponential backoff with jitter (100 ms doubling to
-//! 10 s, see [`timing::Backoff`]).
+//! 1.6 s, see [`timing::Backoff`]).
 //!
 //! RTU: between one answer (or timeout) and the next request the line stays silent for
 //! 3.5 character times at the configured baud (1.75 ms above 19200 baud); after a timeout

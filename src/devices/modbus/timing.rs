@@ -24,9 +24,14 @@ pub fn resync_quiet(gap: Duration) -> Duration {
     (gap * 2).max(Duration::from_millis(5))
 }
 
-/// Capped exponential backoff with jitter for reconnect probes: 100 ms doubling to 10 s,
+/// Capped exponential backoff with jitter for reconnect probes: 100 ms doubling to 1.6 s,
 /// each delay drawn from [d/2, d] ("equal jitter"), so boards that failed together do not
 /// probe in lockstep and a probe never comes sooner than half the nominal delay.
+///
+/// The cap is short on purpose: a board back from an outage is found within 1.6 s, so the
+/// hardware converges within 2 s of recovery. The price is one probe per 0.8-1.6 s while a
+/// board is down: a TCP connect attempt, or on a shared RS-485 bus one request timeout of
+/// bus time (a 200 ms timeout is at most a quarter of the bus, and only while it is dead).
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next: Duration,
@@ -35,7 +40,7 @@ pub struct Backoff {
 /// First reconnect delay.
 pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// Largest reconnect delay.
-pub const BACKOFF_CAP: Duration = Duration::from_secs(10);
+pub const BACKOFF_CAP: Duration = Duration::from_millis(1600);
 
 impl Default for Backoff {
     fn default() -> Self {

@@ -26,6 +26,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
+/// How long the driver keeps trying to put back an overlock it lifted for a command that
+/// then failed.
+const RESTORE_OVERLOCK_WITHIN: Duration = Duration::from_secs(30);
 /// Most vendor changes one attempt makes (the longest plan is 3: lift, unassign, assign).
 const MAX_STEPS: usize = 6;
 
@@ -78,7 +81,9 @@ impl Default for DriverSettings {
         DriverSettings {
             concurrency: 4,
             backoff_base: Duration::from_millis(250),
-            backoff_max: Duration::from_secs(30),
+            // Short, so a lock converges within 2 s of the vendor's recovery; with one
+            // command in flight per reconciler that is about one call a second while down.
+            backoff_max: Duration::from_millis(1600),
             give_up_after: Duration::from_secs(60),
             offline_after: 3,
             max_retry_after: Duration::from_secs(300),
@@ -435,7 +440,7 @@ impl<P: LockProvider> Shared<P> {
             return;
         }
         // Its own short deadline: this runs when the command's may be spent.
-        let deadline = Instant::now() + self.settings.backoff_max;
+        let deadline = Instant::now() + RESTORE_OVERLOCK_WITHIN;
         match self
             .guarded(deadline, || self.provider.overlock(lock))
             .await
