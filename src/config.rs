@@ -20,6 +20,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The site's hardware (the same section hw-sim reads).
     pub devices: DevicesConfig,
+    /// Gate access at the keypads: brute-force lockout, gate alarms.
+    pub access: AccessConfig,
     /// hw-sim's own section when the site file is shared with the simulator: ignored here.
     #[serde(skip_serializing)]
     pub sim: Option<toml_ignored::Ignored>,
@@ -117,6 +119,10 @@ pub struct KeypadConfig {
     /// How long a granted entry holds the strike, in milliseconds.
     #[serde(default = "default_pulse_ms")]
     pub pulse_ms: u64,
+    /// `false`: declared but not installed yet. Bindings to it are accepted and its commands
+    /// queue durably until it is enabled; no driver runs. Default `true`.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
 }
 
 impl std::fmt::Debug for KeypadConfig {
@@ -129,12 +135,16 @@ impl std::fmt::Debug for KeypadConfig {
             .field("tcp", &self.tcp)
             .field("address", &self.address)
             .field("secure", &!self.scbk.is_empty())
+            .field("enabled", &self.enabled)
             .finish_non_exhaustive()
     }
 }
 
 fn default_baud() -> u32 {
     9600
+}
+fn default_enabled() -> bool {
+    true
 }
 fn default_pulse_ms() -> u64 {
     3000
@@ -190,6 +200,10 @@ pub struct RelayBoardConfig {
     /// How often to read the inputs, in milliseconds.
     #[serde(default = "default_poll_ms")]
     pub poll_ms: u64,
+    /// `false`: declared but not installed yet. Bindings to it are accepted and its commands
+    /// queue durably until it is enabled; no driver runs. Default `true`.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
 }
 
 fn default_parity() -> String {
@@ -226,9 +240,15 @@ pub struct LockApiConfig {
     /// Simulator only: its rate limit (ignored by the gateway).
     #[serde(default, skip_serializing)]
     pub rate_limit_per_s: Option<u32>,
-    /// Simulator only: the lock ids it serves (ignored by the gateway).
-    #[serde(default, skip_serializing)]
+    /// The lock ids installed at the site (hw-sim serves these): a smart-lock binding to any
+    /// other id is refused. Unset: any id is accepted, since the vendor knows its locks and
+    /// checking a binding must not need the network.
+    #[serde(default)]
     pub locks: Option<Vec<String>>,
+    /// `false`: declared but not installed yet. Bindings to it are accepted and its commands
+    /// queue durably until it is enabled; no driver runs. Default `true`.
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
 }
 
 fn default_lock_api_id() -> String {
@@ -376,6 +396,15 @@ impl DevicesConfig {
             if !(100..=60_000).contains(&l.timeout_ms) {
                 bad("devices.lock_api.timeout_ms".into(), "100 to 60000".into());
             }
+            let mut seen = std::collections::HashSet::new();
+            for (i, lock) in l.locks.iter().flatten().enumerate() {
+                if crate::domain::unit::validate_id(lock).is_err() || !seen.insert(lock) {
+                    bad(
+                        format!("devices.lock_api.locks[{i}]"),
+                        format!("{lock:?} must be a unique lock id"),
+                    );
+                }
+            }
         }
         p
     }
@@ -515,6 +544,31 @@ impl Default for ApiConfig {
     }
 }
 
+/// `[access]`: how the keypads decide, beyond the site's hours.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Wrong PINs at one keypad that lock it out...
+    pub lockout_attempts: u32,
+    /// ...within this many seconds...
+    pub lockout_window_s: u64,
+    /// ...for this many seconds.
+    pub lockout_s: u64,
+    /// A gate open longer than this (seconds) raises `door.alarm`.
+    pub gate_held_open_s: u64,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            lockout_attempts: 5,
+            lockout_window_s: 600,
+            lockout_s: 300,
+            gate_held_open_s: 60,
+        }
+    }
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -613,6 +667,32 @@ impl Config {
                 message,
             })
         };
+        let a = &self.access;
+        if a.lockout_attempts == 0 {
+            bad("access.lockout_attempts", "must be at least 1".into());
+        }
+        if a.lockout_window_s == 0 || a.lockout_s == 0 {
+            let key = if a.lockout_s == 0 {
+                "access.lockout_s"
+            } else {
+                "access.lockout_window_s"
+            };
+            bad(key, "must be at least 1 second".into());
+        }
+        if let Some(k) = self
+            .devices
+            .keypads
+            .iter()
+            .find(|k| k.gate.is_some() && a.gate_held_open_s * 1000 <= k.pulse_ms)
+        {
+            bad(
+                "access.gate_held_open_s",
+                format!(
+                    "must be longer than keypad {}'s gate pulse ({} ms), or every entry raises an alarm",
+                    k.id, k.pulse_ms
+                ),
+            );
+        }
         if let Err(m) = crate::domain::unit::validate_id(&self.site.id) {
             bad("site.id", format!("{m} (the site's cloud id; required)"));
         }
@@ -908,6 +988,61 @@ mod tests {
                 "devices.keypads[1].scbk",
                 "devices.lock_api.url",
             ]
+        );
+    }
+
+    #[test]
+    fn devices_are_enabled_unless_declared_otherwise() {
+        let sim = include_str!("../config/sim.toml");
+        let c = Config::from_toml(&format!("{}\n{sim}", minimal())).unwrap();
+        assert!(c.devices.keypads.iter().all(|k| k.enabled));
+        assert!(c.devices.relay_boards.iter().all(|b| b.enabled));
+        assert!(c.devices.lock_api.as_ref().is_some_and(|l| l.enabled));
+        let text = format!(
+            "{}\n{}",
+            minimal(),
+            r#"
+            [[devices.keypads]]
+            id = "gate-1"
+            zone = "main-gate"
+            tcp = "127.0.0.1:1"
+            install_mode = true
+            enabled = false
+            [[devices.relay_boards]]
+            id = "relay-1"
+            transport = "tcp"
+            address = "127.0.0.1:1"
+            coils = 4
+            inputs = 4
+            enabled = false
+            [devices.lock_api]
+            url = "http://127.0.0.1:1"
+            enabled = false
+            "#
+        );
+        let c = Config::from_toml(&text).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        assert!(!c.devices.keypads[0].enabled);
+        assert!(!c.devices.relay_boards[0].enabled);
+        assert!(c.devices.lock_api.as_ref().is_some_and(|l| !l.enabled));
+    }
+
+    #[test]
+    fn lock_list_ids_must_be_unique_ids() {
+        let text = format!(
+            "{}\n[devices.lock_api]\nurl = \"http://127.0.0.1:1\"\nlocks = [\"lk-1\", \"bad id\", \"lk-1\"]\n",
+            minimal()
+        );
+        let c = Config::from_toml(&text).unwrap();
+        let keys: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            ["devices.lock_api.locks[1]", "devices.lock_api.locks[2]"]
         );
     }
 

@@ -50,6 +50,23 @@ pub async fn start_hardware(
     Ok(sim)
 }
 
+/// The demo site's devices declared disabled, for a build without the simulator: the demo
+/// units stay bound to them (bindings must name declared devices) and their commands queue.
+pub fn declared_devices() -> Result<crate::config::DevicesConfig, DemoError> {
+    let mut devices = crate::config::Config::from_toml(&format!("{DEMO_CONFIG}\n{SIM_CONFIG}"))
+        .map_err(|e| DemoError::Hardware(e.to_string()))?
+        .devices;
+    devices.keypads.iter_mut().for_each(|k| k.enabled = false);
+    devices
+        .relay_boards
+        .iter_mut()
+        .for_each(|b| b.enabled = false);
+    if let Some(l) = &mut devices.lock_api {
+        l.enabled = false;
+    }
+    Ok(devices)
+}
+
 /// The demo snapshot for a site whose local date is `today`.
 pub fn snapshot(today: NaiveDate) -> Value {
     let day = |offset: i64| -> String {
@@ -201,4 +218,30 @@ pub async fn seed(executor: &Executor) -> Result<bool, DemoError> {
         });
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::catalog::{Claim, DeviceCatalog, clashes};
+
+    #[test]
+    fn the_demo_units_bind_declared_devices_one_unit_each() {
+        let catalog = DeviceCatalog::from_config(&declared_devices().expect("devices"));
+        let today = NaiveDate::from_ymd_opt(2026, 3, 10).expect("date");
+        let s: Snapshot = serde_json::from_value(snapshot(today)).expect("snapshot");
+        let units: Vec<_> = s
+            .units
+            .into_iter()
+            .map(|u| u.into_new(false).expect("valid unit"))
+            .collect();
+        for u in &units {
+            assert_eq!(catalog.check(&u.bindings), [], "{:?}", u.names);
+        }
+        let claims: Vec<_> = units
+            .iter()
+            .map(|u| Claim::change(&u.names[0], &u.names[0], None, &u.bindings))
+            .collect();
+        assert_eq!(clashes(&claims), []);
+    }
 }

@@ -1,14 +1,17 @@
 //! Starts the gateway's parts in order (store, executor, HTTP) and stops them cleanly.
 
 use crate::api::http::{self, Limits, auth::Tokens};
+use crate::automation::{AutomationHandle, Scheduler};
 use crate::command::{Clock, Executor};
 use crate::config::Config;
 use crate::devices::modbus::{InputEvent, RelayBoards};
-use crate::devices::osdp::{self, Keypad, KeyPress, OsdpOptions};
+use crate::devices::osdp::{self, KeyPress, Keypad, OsdpOptions};
 use crate::devices::smartlock::{DriverSettings, LockDriver, ReferenceProvider};
 use crate::domain::pin::PinKey;
+use crate::gate::GateController;
 use crate::reconcile::{DeviceHandle, DeviceKind, DeviceRegistry, HealthReport, Reconciler};
 use crate::store::{Store, StoreError, site};
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -55,6 +58,8 @@ pub struct Gateway {
     pub executor: Executor,
     /// Every configured device and its health.
     pub devices: DeviceRegistry,
+    /// The automation scheduler (kick it after the clock was set).
+    pub automation: AutomationHandle,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
     hardware_stop: watch::Sender<bool>,
@@ -137,59 +142,83 @@ async fn report_keypad(k: Keypad, mut report: HealthReport, mut shutdown: watch:
     }
 }
 
-/// Builds the keypad, relay board and lock API drivers from the config and spawns them,
-/// with a reconciler per relay board and lock API and a health reporter per keypad.
+/// Builds the keypad, relay board and lock API drivers from the config and spawns them:
+/// a reconciler per relay board and lock API, a health reporter per keypad, and the gate
+/// controller taking the key presses and input changes. Devices with `enabled = false` are
+/// listed (offline, saying so) and driven by nothing; their commands wait in the outbox.
 fn start_hardware(
     cfg: &Config,
     executor: &Executor,
+    pin_key: PinKey,
     committed: Arc<Notify>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(DeviceRegistry, Vec<JoinHandle<()>>), GatewayError> {
+    const DISABLED: &str = "disabled in the configuration (enabled = false)";
     let registry = DeviceRegistry::default();
+    let disabled = |id: &str, kind: DeviceKind, zone: Option<String>| {
+        registry.add(id, kind, zone);
+        registry.set_health(id, false, Some(DISABLED.into()));
+    };
     let mut tasks = Vec::new();
     let period = Duration::from_secs(cfg.devices.reconcile_s.max(1));
     let mut handles = Vec::new();
-    if !cfg.devices.relay_boards.is_empty() {
-        // Input changes have no consumer yet (keypads and door alarms come later): drain them.
-        let (input_tx, mut inputs) = mpsc::channel::<InputEvent>(256);
-        tasks.push(tokio::spawn(async move {
-            while let Some(ev) = inputs.recv().await {
-                tracing::trace!(?ev, "relay input");
-            }
-        }));
-        let boards = RelayBoards::new(&cfg.devices.relay_boards, input_tx)
-            .map_err(|e| GatewayError::Devices(e.to_string()))?;
-        for link in boards.links {
+    let devices_err = |e: &dyn std::fmt::Display| GatewayError::Devices(e.to_string());
+
+    let (input_tx, inputs) = mpsc::channel::<InputEvent>(256);
+    let mut boards = BTreeMap::new();
+    let relay_boards: Vec<_> = cfg
+        .devices
+        .relay_boards
+        .iter()
+        .filter(|b| b.enabled)
+        .cloned()
+        .collect();
+    if !relay_boards.is_empty() {
+        let built = RelayBoards::new(&relay_boards, input_tx).map_err(|e| devices_err(&e))?;
+        for link in built.links {
             tasks.push(tokio::spawn(link.run(shutdown.clone())));
         }
-        for b in &cfg.devices.relay_boards {
-            if let Some(h) = boards.boards.get(&b.id) {
+        boards = built.boards;
+    }
+    for b in &cfg.devices.relay_boards {
+        match boards.get(&b.id) {
+            Some(h) => {
                 registry.add(&b.id, DeviceKind::RelayBoard, None);
                 handles.push(DeviceHandle::Board(h.clone()));
             }
+            None => disabled(&b.id, DeviceKind::RelayBoard, None),
         }
     }
-    if let Some(l) = &cfg.devices.lock_api {
-        let provider =
-            ReferenceProvider::from_config(l).map_err(|e| GatewayError::Devices(e.to_string()))?;
-        let settings = DriverSettings {
-            // The outbox retries later; do not hold the lock queue for a minute per lock.
-            give_up_after: Duration::from_secs(15),
-            ..DriverSettings::default()
-        };
-        let (driver, handle) = LockDriver::new(&l.id, provider, settings);
-        tasks.push(tokio::spawn(driver.run(shutdown.clone())));
-        registry.add(&l.id, DeviceKind::LockApi, None);
-        handles.push(DeviceHandle::Locks(handle));
+    match &cfg.devices.lock_api {
+        Some(l) if l.enabled => {
+            let provider = ReferenceProvider::from_config(l).map_err(|e| devices_err(&e))?;
+            let settings = DriverSettings {
+                // The outbox retries later; do not hold the lock queue for a minute per lock.
+                give_up_after: Duration::from_secs(15),
+                ..DriverSettings::default()
+            };
+            let (driver, handle) = LockDriver::new(&l.id, provider, settings);
+            tasks.push(tokio::spawn(driver.run(shutdown.clone())));
+            registry.add(&l.id, DeviceKind::LockApi, None);
+            handles.push(DeviceHandle::Locks(handle));
+        }
+        Some(l) => disabled(&l.id, DeviceKind::LockApi, None),
+        None => {}
     }
-    if !cfg.devices.keypads.is_empty() {
-        // Key presses have no consumer yet (gate access comes next): drain them, and never
-        // log them (they are PINs).
-        let (keys_tx, mut keys) = mpsc::channel::<KeyPress>(256);
-        tasks.push(tokio::spawn(async move { while keys.recv().await.is_some() {} }));
-        let (pads, buses) =
-            osdp::spawn_all(&cfg.devices.keypads, &OsdpOptions::default(), keys_tx, &shutdown)
-                .map_err(|e| GatewayError::Devices(e.to_string()))?;
+
+    let (keys_tx, keys) = mpsc::channel::<KeyPress>(256);
+    let keypads: Vec<_> = cfg
+        .devices
+        .keypads
+        .iter()
+        .filter(|k| k.enabled)
+        .cloned()
+        .collect();
+    let mut pads = HashMap::new();
+    if !keypads.is_empty() {
+        let (handles, buses) =
+            osdp::spawn_all(&keypads, &OsdpOptions::default(), keys_tx, &shutdown)
+                .map_err(|e| devices_err(&e))?;
         for bus in buses {
             tasks.push(tokio::spawn(async move {
                 if let Ok(Err(e)) = bus.await {
@@ -197,19 +226,32 @@ fn start_hardware(
                 }
             }));
         }
-        for k in &cfg.devices.keypads {
-            registry.add(&k.id, DeviceKind::Keypad, Some(k.zone.clone()));
-        }
-        for pad in pads {
-            let report = HealthReport::new(
-                pad.id(),
-                DeviceKind::Keypad,
-                executor.clone(),
-                registry.clone(),
-            );
-            tasks.push(tokio::spawn(report_keypad(pad, report, shutdown.clone())));
-        }
+        pads = handles
+            .into_iter()
+            .map(|p| (p.id().to_owned(), p))
+            .collect();
     }
+    for k in &cfg.devices.keypads {
+        let Some(pad) = pads.get(&k.id) else {
+            disabled(&k.id, DeviceKind::Keypad, Some(k.zone.clone()));
+            continue;
+        };
+        registry.add(&k.id, DeviceKind::Keypad, Some(k.zone.clone()));
+        let report = HealthReport::new(
+            &k.id,
+            DeviceKind::Keypad,
+            executor.clone(),
+            registry.clone(),
+        );
+        tasks.push(tokio::spawn(report_keypad(
+            pad.clone(),
+            report,
+            shutdown.clone(),
+        )));
+    }
+    let gate = GateController::new(cfg, executor.clone(), pin_key, pads, boards);
+    tasks.push(tokio::spawn(gate.run(keys, inputs, shutdown.clone())));
+
     for h in handles {
         let r = Reconciler::new(
             h,
@@ -245,6 +287,7 @@ impl Gateway {
         };
         let store = open_store(cfg, &clock).await?;
         let committed = Arc::new(Notify::new());
+        let pin_key_for_gates = pin_key.clone();
         let executor = Executor::new(
             store,
             cfg.site.id.clone(),
@@ -252,6 +295,9 @@ impl Gateway {
             pin_key,
             clock,
             i64::from(cfg.api.idempotency_ttl_hours) * 3600,
+            Arc::new(crate::domain::catalog::DeviceCatalog::from_config(
+                &cfg.devices,
+            )),
         )
         .with_lock_api(
             cfg.devices
@@ -260,8 +306,12 @@ impl Gateway {
                 .map_or(crate::command::DEFAULT_LOCK_API, |l| &l.id),
         )
         .with_commit_notify(committed.clone());
+        let (scheduler, automation) = Scheduler::new(executor.clone(), committed.clone());
         let (hardware_stop, hw_shutdown) = watch::channel(false);
-        let (devices, hardware) = start_hardware(cfg, &executor, committed, hw_shutdown)?;
+        let (devices, hardware) =
+            start_hardware(cfg, &executor, pin_key_for_gates, committed, hw_shutdown)?;
+        let mut hardware = hardware;
+        hardware.push(tokio::spawn(scheduler.run(hardware_stop.subscribe())));
         let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
             .await
             .map_err(|source| GatewayError::Listen {
@@ -308,6 +358,7 @@ impl Gateway {
             addr,
             executor,
             devices,
+            automation,
             stop: Some(stop),
             server,
             hardware_stop,

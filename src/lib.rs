@@ -15,15 +15,18 @@
 //!   behind a handle.
 //! - [`reconcile`]: one task per relay board and per lock API delivering the outbox through
 //!   the drivers, reading back drift, reporting health.
+//! - [`automation`]: the scheduler running auto move-in and auto deallocate when due.
 //! - [`gateway`]: starts and stops the parts in order.
 //! - [`demo`]: the demo site.
 
 pub mod api;
+pub mod automation;
 pub mod command;
 pub mod config;
 pub mod demo;
 pub mod devices;
 pub mod domain;
+pub mod gate;
 pub mod gateway;
 pub mod model;
 pub mod reconcile;

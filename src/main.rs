@@ -108,7 +108,26 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// SIGHUP makes the automation scheduler look again now (e.g. after NTP set the clock).
+fn kick_automations_on_sighup(automation: unitgate::automation::AutomationHandle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut hup) = signal(SignalKind::hangup()) {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: checking automations now");
+                    automation.kick();
+                }
+            });
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = automation;
+}
+
 async fn run_until_signal(mut gw: Gateway) -> Result<()> {
+    kick_automations_on_sighup(gw.automation.clone());
     tokio::select! {
         r = gw.wait() => r.context("the API server stopped")?,
         _ = shutdown_signal() => tracing::info!("shutting down"),
@@ -158,7 +177,10 @@ async fn main() -> Result<()> {
             #[cfg(feature = "demo-sim")]
             let sim = unitgate::demo::start_hardware(&mut cfg, &sim_listen).await?;
             #[cfg(not(feature = "demo-sim"))]
-            let _ = sim_listen;
+            {
+                let _ = sim_listen;
+                cfg.devices = unitgate::demo::declared_devices()?;
+            }
             if let Err(problems) = cfg.validate() {
                 for p in problems {
                     eprintln!("{p}");

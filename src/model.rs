@@ -247,6 +247,19 @@ pub struct UnitsResult {
     pub units: Vec<UnitView>,
 }
 
+/// What `payment_failed` did: the units it overlocked, or why it changed nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct PaymentFailedResult {
+    /// Whether any unit was overlocked.
+    pub overlocked: bool,
+    /// Why nothing changed (`auto_overlock is off`, no occupied units).
+    pub reason: Option<String>,
+    /// The event id given in the request.
+    pub event_id: Option<String>,
+    /// The units overlocked.
+    pub units: Vec<UnitView>,
+}
+
 /// A page of units.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct UnitList {

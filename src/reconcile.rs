@@ -367,6 +367,30 @@ impl HealthReport {
     }
 }
 
+/// Follows a driver's health into `report` until `shutdown`.
+async fn report_health(
+    handle: DeviceHandle,
+    mut report: HealthReport,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut rx = handle.health_rx();
+    loop {
+        match handle.health() {
+            Seen::Unknown => {}
+            Seen::Online(e) => {
+                report.record(true, e).await;
+            }
+            Seen::Offline(e) => {
+                report.record(false, e).await;
+            }
+        }
+        tokio::select! {
+            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return; },
+            _ = DeviceHandle::health_changed(&mut rx) => {}
+        }
+    }
+}
+
 /// One device's reconciler.
 pub struct Reconciler {
     device: String,
@@ -403,15 +427,25 @@ impl Reconciler {
         }
     }
 
-    /// Runs until `shutdown` becomes true.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let mut health_rx = self.handle.health_rx();
-        let mut health = HealthReport::new(
+    /// Runs until `shutdown` becomes true. Health is reported alongside, so a change is
+    /// recorded even while a delivery is in progress.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let report = HealthReport::new(
             &self.device,
             self.kind,
             self.executor.clone(),
             self.registry.clone(),
         );
+        tokio::join!(
+            report_health(self.handle.clone(), report, shutdown.clone()),
+            self.reconcile(shutdown)
+        );
+    }
+
+    async fn reconcile(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut health_rx = self.handle.health_rx();
+        // Online as last seen here: None until known.
+        let mut online: Option<bool> = None;
         let mut read_due = true;
         let mut force = false;
         let mut next_read = tokio::time::Instant::now();
@@ -427,8 +461,17 @@ impl Reconciler {
             notified.as_mut().enable();
 
             let seen = self.handle.health();
-            self.observe(&seen, &mut health, &mut read_due, &mut force)
-                .await;
+            let now_online = match &seen {
+                Seen::Unknown => online,
+                Seen::Online(_) => Some(true),
+                Seen::Offline(_) => Some(false),
+            };
+            if now_online == Some(true) && online != Some(true) {
+                // (Back) online: read it back and deliver everything pending at once.
+                read_due = true;
+                force = true;
+            }
+            online = now_online;
             let reachable = !matches!(seen, Seen::Offline(_));
             let now = tokio::time::Instant::now();
             if reachable && (read_due || now >= next_read) {
@@ -461,25 +504,6 @@ impl Reconciler {
                 _ = tokio::time::sleep_until(next_read) => {}
                 _ = DeviceHandle::health_changed(&mut health_rx) => {}
             }
-        }
-    }
-
-    /// Publishes health; a device (back) online gets a read-back and a forced delivery.
-    async fn observe(
-        &self,
-        seen: &Seen,
-        health: &mut HealthReport,
-        read_due: &mut bool,
-        force: &mut bool,
-    ) {
-        let (online, error) = match seen {
-            Seen::Unknown => return,
-            Seen::Online(e) => (true, e.clone()),
-            Seen::Offline(e) => (false, e.clone()),
-        };
-        if health.record(online, error).await {
-            *read_due = true;
-            *force = true;
         }
     }
 

@@ -94,6 +94,7 @@ locks = ["lock-1", "lock-2", "lock-3"]
             response_delay_ms: None,
             timeout_ms: 200,
             poll_ms: 100,
+            enabled: true,
         }];
         cfg.devices.lock_api = Some(LockApiConfig {
             id: LOCKS.into(),
@@ -102,6 +103,7 @@ locks = ["lock-1", "lock-2", "lock-3"]
             timeout_ms: 2000,
             rate_limit_per_s: None,
             locks: None,
+            enabled: true,
         });
         cfg.validate().expect("valid config");
         let t = TestGateway::start_with(dir, cfg, TestClock::at("2026-03-10T12:00:00Z")).await;
@@ -298,59 +300,6 @@ async fn overlock_switches_exactly_the_contacts_coils_and_deallocate_locks_the_u
 }
 
 #[tokio::test]
-async fn a_change_made_while_the_board_is_offline_lands_after_recovery() {
-    let s = Site::start(30).await;
-    s.bind("u1", json!({"kind": "relay", "board": BOARD, "coil": 1}))
-        .await;
-    until("coil 1 on", Duration::from_secs(5), || async {
-        s.coils().await[1]
-    })
-    .await;
-    let seq = s.t.last_seq().await;
-
-    s.fault(BOARD, "offline", 3000).await;
-    until("board seen offline", Duration::from_secs(5), || async {
-        s.device(BOARD).await["online"] == false
-    })
-    .await;
-    s.ok(
-        "/v1/units/u1/grant_access",
-        json!({"tenancy_id": "t-started"}),
-    )
-    .await;
-    let d = s.device(BOARD).await;
-    assert_eq!(d["queue_depth"], 1, "{d}");
-    assert!(d["last_error"].is_string(), "{d}");
-
-    until("board back online", Duration::from_secs(20), || async {
-        s.device(BOARD).await["online"] == true
-    })
-    .await;
-    let took = until(
-        "the change within 2 s of recovery",
-        Duration::from_secs(2),
-        || async { !s.coils().await[1] },
-    )
-    .await;
-    println!("offline board: change landed {took:?} after the gateway saw it online");
-
-    let evs = s.t.events_after(seq).await;
-    let of = |kind: &str| {
-        evs.iter()
-            .position(|e| e["type"] == kind && e["data"]["device"] == BOARD)
-    };
-    let (off, on) = (of("device.offline"), of("device.online"));
-    assert!(
-        matches!((off, on), (Some(a), Some(b)) if a < b),
-        "offline then online: {evs:?}"
-    );
-    let off = &evs[off.unwrap_or_default()]["data"];
-    assert_eq!(off["kind"], "relay_board");
-    assert!(off["error"].is_string(), "{off}");
-    s.stop().await;
-}
-
-#[tokio::test]
 async fn a_coil_flipped_behind_the_gateways_back_is_restored_within_one_period() {
     use tokio_modbus::client::Writer;
     let s = Site::start(1).await;
@@ -482,61 +431,57 @@ async fn commands_queued_to_an_offline_board_survive_a_restart_and_land_once() {
 }
 
 #[tokio::test]
-async fn a_lock_change_survives_503_then_429_and_converges_after_recovery() {
-    let s = Site::start(30).await;
+async fn a_lock_changed_at_the_lock_itself_is_restored_within_one_period() {
+    let s = Site::start(1).await;
     s.bind("u1", json!({"kind": "smart_lock", "id": "lock-1"}))
         .await;
-    until("lock API idle", Duration::from_secs(5), || async {
-        s.device(LOCKS).await["queue_depth"] == 0
-    })
-    .await;
-    let mut seen = s.sim.registry.bus.subscribe();
-    s.fault(LOCKS, "http503", 1500).await;
+    s.bind("u2", json!({"kind": "smart_lock", "id": "lock-2"}))
+        .await;
     s.ok(
         "/v1/units/u1/grant_access",
         json!({"tenancy_id": "t-started"}),
     )
     .await;
-    let faults = || async { s.control("/faults").await };
-    until("503 over", Duration::from_secs(5), || async {
-        faults().await == json!([])
-    })
-    .await;
-    let r = s
-        .http
-        .post(format!("{}/faults", s.sim.control_url()))
-        .json(&json!({"device": LOCKS, "kind": "http429", "value": 1, "duration_ms": 1000}))
-        .send()
-        .await
-        .expect("POST /faults");
-    assert!(r.status().is_success());
-    until("429 over", Duration::from_secs(5), || async {
-        faults().await == json!([])
-    })
-    .await;
-    // The issue asks for 2 s; the driver's jittered backoff can, at worst, put the next retry
-    // ~2 s after the outage, so the test allows 3 s to stay deterministic (measured: ≤ 1.1 s).
-    let took = until(
-        "lock-1 assigned after recovery",
-        Duration::from_secs(3),
-        || async { s.lock("lock-1").await == ("assigned".into(), Some("c2".into())) },
+    let settled = || async {
+        s.lock("lock-1").await == ("assigned".into(), Some("c2".into()))
+            && s.lock("lock-2").await == ("unassigned".into(), None)
+    };
+    until(
+        "lock-1 assigned, lock-2 free",
+        Duration::from_secs(5),
+        settled,
     )
     .await;
-    println!("converged {took:?} after the faults ended");
-    // Backed off, not hammered: a handful of requests over ~2.5 s of faults.
-    let mut requests = 0;
-    while let Ok(o) = seen.try_recv() {
-        if o.device == LOCKS && o.kind == "http_request" {
-            requests += 1;
-        }
-    }
-    assert!(
-        (2..=25).contains(&requests),
-        "{requests} requests during the outage"
-    );
     until("queue drained", Duration::from_secs(5), || async {
         s.device(LOCKS).await["queue_depth"] == 0
     })
     .await;
+
+    // Someone clears lock-1 and gives lock-2 to a stranger, at the locks themselves.
+    let set = |id: &str, body: Value| {
+        s.http
+            .put(format!("{}/locks/{id}", s.sim.control_url()))
+            .json(&body)
+            .send()
+    };
+    let r = set("lock-1", json!({"state": "unassigned"}))
+        .await
+        .expect("PUT");
+    assert!(r.status().is_success(), "{}", r.status());
+    let r = set(
+        "lock-2",
+        json!({"state": "assigned", "assigned_to": "stranger"}),
+    )
+    .await
+    .expect("PUT");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(s.lock("lock-1").await, ("unassigned".into(), None));
+    let took = until(
+        "lock drift corrected within one period (1 s)",
+        Duration::from_millis(2000),
+        settled,
+    )
+    .await;
+    println!("lock drift corrected in {took:?} (reconcile_s = 1)");
     s.stop().await;
 }

@@ -9,25 +9,20 @@
 
 mod common;
 
-use common::{TestClock, TestGateway, test_config};
-use hw_sim::Sim;
-use hw_sim::config::SiteFile;
+use common::site::{POLL, SimSite, until};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::time::Instant;
-use unitgate::config::Config;
 
 const BOARD: &str = "rtu-1";
 const LOCKS: &str = "locks";
 const KEYPAD: &str = "gate-1";
-const API_KEY: &str = "transitions-key-0123456789";
 const SCBK: &str = "5e1f0c2a9b8d7e6f4a3b2c1d0e9f8a7b";
 const COILS: usize = 8;
 /// Units bound to smart locks (`lock-1`..) and to overlock coils (1..) of the RTU board.
 const LOCK_UNITS: [&str; 3] = ["u1", "u2", "u3"];
 const COIL_UNITS: [&str; 3] = ["u4", "u5", "u6"];
-const POLL: Duration = Duration::from_millis(20);
 const WITHIN: Duration = Duration::from_secs(5);
 
 /// The tenant each tenancy of `TestGateway::seed` belongs to.
@@ -68,26 +63,14 @@ fn expected(units: &BTreeMap<String, (String, Option<String>)>) -> Hardware {
     Hardware { locks, coils }
 }
 
-struct Site {
-    sim: Sim,
-    http: reqwest::Client,
-    t: TestGateway,
-    /// Each unit's tenant while allocated, as the steps made it.
-    tenants: BTreeMap<String, Option<String>>,
-    _wires: tempfile::TempDir,
-}
-
-impl Site {
-    async fn start() -> Site {
-        let wires = tempfile::tempdir().expect("tempdir");
-        let key_file = wires.path().join("lock-api.key");
-        std::fs::write(&key_file, format!("{API_KEY}\n")).expect("key file");
-        let devices = format!(
-            r#"
+/// The site's hardware: a keypad and an RTU board on pseudo-terminals, and the lock API.
+fn devices() -> String {
+    format!(
+        r#"
 [[devices.keypads]]
 id = "{KEYPAD}"
 zone = "main-gate"
-port = "{keypad}"
+port = "{{wires}}/{KEYPAD}"
 baud = 115200
 address = 1
 scbk = "{SCBK}"
@@ -96,7 +79,7 @@ gate = {{ board = "{BOARD}", coil = 0 }}
 [[devices.relay_boards]]
 id = "{BOARD}"
 transport = "rtu"
-port = "{rtu}"
+port = "{{wires}}/{BOARD}"
 baud = 19200
 unit_id = 7
 coils = {COILS}
@@ -107,88 +90,50 @@ poll_ms = 200
 [devices.lock_api]
 id = "{LOCKS}"
 url = "http://127.0.0.1:0"
-api_key_file = "{key}"
+api_key_file = "{{wires}}/lock-api.key"
 locks = ["lock-1", "lock-2", "lock-3"]
-"#,
-            keypad = wires.path().join(KEYPAD).display(),
-            rtu = wires.path().join(BOARD).display(),
-            key = key_file.display(),
-        );
-        let sim = Sim::start(
-            &SiteFile::parse(&devices).expect("site file"),
-            Some("127.0.0.1:0"),
-        )
-        .await
-        .expect("sim");
-        let http = reqwest::Client::new();
-        let listed: Value = http
-            .get(format!("{}/devices", sim.control_url()))
-            .send()
-            .await
-            .expect("control API")
-            .json()
-            .await
-            .expect("devices JSON");
-        let lock_url = listed
-            .as_array()
-            .and_then(|l| l.iter().find(|d| d["id"] == LOCKS))
-            .and_then(|d| d["address"]["url"].as_str())
-            .expect("lock API url")
-            .to_owned();
+"#
+    )
+}
 
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = test_config(dir.path());
-        let hw = Config::from_toml(&format!(
-            "[site]\nid = \"x\"\nname = \"x\"\ntimezone = \"UTC\"\n{devices}"
-        ))
-        .expect("gateway reads the site file's devices");
-        cfg.devices = hw.devices;
-        cfg.devices.reconcile_s = 30;
-        if let Some(l) = cfg.devices.lock_api.as_mut() {
-            l.url = lock_url;
-        }
-        cfg.validate().expect("valid config");
-        let t = TestGateway::start_with(dir, cfg, TestClock::at("2026-03-10T12:00:00Z")).await;
-        t.seed(6).await;
+struct Site {
+    s: SimSite,
+    /// Each unit's tenant while allocated, as the steps made it.
+    tenants: BTreeMap<String, Option<String>>,
+}
+
+impl std::ops::Deref for Site {
+    type Target = SimSite;
+    fn deref(&self) -> &SimSite {
+        &self.s
+    }
+}
+
+impl Site {
+    async fn start() -> Site {
+        let s = SimSite::start(&devices(), 30, 6).await;
         for (i, u) in LOCK_UNITS.iter().enumerate() {
-            bind(&t, u, json!({"kind": "smart_lock", "id": format!("lock-{}", i + 1)})).await;
+            s.bind(
+                u,
+                json!({"kind": "smart_lock", "id": format!("lock-{}", i + 1)}),
+            )
+            .await;
         }
         for (i, u) in COIL_UNITS.iter().enumerate() {
-            bind(&t, u, json!({"kind": "relay", "board": BOARD, "coil": i + 1})).await;
+            s.bind(u, json!({"kind": "relay", "board": BOARD, "coil": i + 1}))
+                .await;
         }
         let tenants = LOCK_UNITS
             .iter()
             .chain(COIL_UNITS.iter())
             .map(|u| (u.to_string(), None))
             .collect();
-        Site {
-            sim,
-            http,
-            t,
-            tenants,
-            _wires: wires,
-        }
-    }
-
-    async fn control(&self, path: &str) -> Value {
-        self.http
-            .get(format!("{}{path}", self.sim.control_url()))
-            .send()
-            .await
-            .expect("control API")
-            .json()
-            .await
-            .expect("control JSON")
+        Site { s, tenants }
     }
 
     /// What hw-sim shows now.
     async fn actual(&self) -> Hardware {
-        let coils = self.control(&format!("/relays/{BOARD}")).await["coils"]
-            .as_array()
-            .expect("coils")
-            .iter()
-            .map(|v| v.as_bool().expect("bool"))
-            .collect();
+        let coils = self.coils(BOARD).await;
         let mut locks = BTreeMap::new();
         for l in self.control("/locks").await.as_array().expect("locks") {
             let state = l["state"].as_str().expect("state").to_owned();
@@ -247,39 +192,6 @@ locks = ["lock-1", "lock-2", "lock-3"]
             );
             tokio::time::sleep(POLL).await; // poll interval, not a wait for the outcome
         }
-    }
-
-    async fn device(&self, id: &str) -> Value {
-        let a = self.t.get("/v1/devices").await;
-        assert_eq!(a.status, 200, "{:?}", a.body);
-        a.body
-            .as_array()
-            .and_then(|l| l.iter().find(|d| d["id"] == id))
-            .cloned()
-            .unwrap_or_else(|| panic!("{id} in {:?}", a.body))
-    }
-}
-
-async fn bind(t: &TestGateway, unit: &str, lock: Value) {
-    let a = t
-        .patch(&format!("/v1/units/{unit}"), json!({"unit": {"lock": lock}}))
-        .await;
-    assert_eq!(a.status, 200, "{:?}", a.body);
-}
-
-/// Polls `check` until true or `within` passes.
-async fn until<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(POLL).await; // poll interval, not a wait for the outcome
     }
 }
 
@@ -433,7 +345,7 @@ async fn every_transition_reaches_exactly_the_table_state_on_rtu_and_the_lock_ap
         assert_eq!(dev["queue_depth"], 0, "{dev}");
         assert_eq!(dev["online"], true, "{dev}");
     }
-    s.t.stop().await;
+    s.s.stop().await;
 }
 
 #[tokio::test]
@@ -512,7 +424,7 @@ async fn overlocking_a_contact_with_three_units_changes_exactly_those_three() {
             format!("{BOARD}:1"),
         ]
     );
-    s.t.stop().await;
+    s.s.stop().await;
 }
 
 #[tokio::test]
@@ -538,9 +450,11 @@ async fn the_keypad_comes_online_over_a_secure_serial_line_and_its_outage_is_rec
         .await
         .expect("POST /faults");
     assert!(r.status().is_success());
-    until("keypad reported offline", Duration::from_secs(10), || async {
-        s.device(KEYPAD).await["online"] == false
-    })
+    until(
+        "keypad reported offline",
+        Duration::from_secs(10),
+        || async { s.device(KEYPAD).await["online"] == false },
+    )
     .await;
     until("keypad back online", Duration::from_secs(20), || async {
         s.device(KEYPAD).await["online"] == true
@@ -564,5 +478,5 @@ async fn the_keypad_comes_online_over_a_secure_serial_line_and_its_outage_is_rec
     // The other devices never noticed.
     assert_eq!(s.device(BOARD).await["online"], true);
     assert_eq!(s.device(LOCKS).await["online"], true);
-    s.t.stop().await;
+    s.s.stop().await;
 }

@@ -48,6 +48,7 @@ fn board(id: &str, transport: ModbusTransport, timeout_ms: u64) -> RelayBoardCon
         response_delay_ms: None,
         timeout_ms,
         poll_ms: 50,
+        enabled: true,
     }
 }
 

@@ -112,6 +112,7 @@ impl Site {
             gate: None,
             gate_sensor: None,
             pulse_ms: 3000,
+            enabled: true,
         }
     }
 
@@ -673,6 +674,7 @@ async fn a_dead_transport_is_retried_with_backoff_not_in_a_loop() {
         gate: None,
         gate_sensor: None,
         pulse_ms: 3000,
+        enabled: true,
     };
     let driver = Driver::start(&[cfg]);
     let pad = driver.pad("gate-9").clone();

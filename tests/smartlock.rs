@@ -82,6 +82,7 @@ impl Site {
             timeout_ms: 5000,
             rate_limit_per_s: None,
             locks: None,
+            enabled: true,
         }
     }
 

@@ -803,3 +803,111 @@ async fn unit_type_upsert_creates_then_updates() {
     );
     t.stop().await;
 }
+
+// ---- bindings -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn snapshot_bindings_must_name_declared_devices_and_not_be_shared() {
+    let t = TestGateway::start().await;
+    assert_eq!(put_snapshot(&t, &base()).await.status, 200);
+    let before = replica(&t).await;
+    let seq = t.last_seq().await;
+
+    // s6 (units[5]) holds lock-6 and rb1 input 6. Each bad snapshot also renames s1.
+    let with_rename = |f: &dyn Fn(&mut Value)| {
+        let mut s = base();
+        s["units"][0]["name"] = json!("S1-renamed");
+        f(&mut s);
+        s
+    };
+    let cases: Vec<(&str, Value, Vec<&str>, &str)> = vec![
+        (
+            "an unknown board",
+            with_rename(&|s| s["units"][3]["door_sensor"] = json!({"board": "rb9", "input": 1})),
+            vec!["units[3].door_sensor.board"],
+            "configured: rb1, relay-1",
+        ),
+        (
+            "a coil past the board's last",
+            with_rename(&|s| {
+                s["units"][3]["lock"] = json!({"kind": "relay", "board": "rb1", "coil": 16})
+            }),
+            vec!["units[3].lock.coil"],
+            "has 16 coils",
+        ),
+        (
+            "an input past the board's last",
+            with_rename(&|s| s["units"][5]["door_sensor"] = json!({"board": "rb1", "input": 99})),
+            vec!["units[5].door_sensor.input"],
+            "has 16 inputs",
+        ),
+        (
+            "two units on one smart lock",
+            with_rename(&|s| s["units"][3]["lock"] = json!({"kind": "smart_lock", "id": "lock-6"})),
+            vec!["units[5].lock"],
+            "bound to unit \"s4\" (S4)",
+        ),
+        (
+            "two units on one coil",
+            with_rename(&|s| {
+                let coil = json!({"kind": "relay", "board": "relay-1", "coil": 5});
+                s["units"][1]["lock"] = coil.clone();
+                s["units"][4]["lock"] = coil;
+            }),
+            vec!["units[4].lock"],
+            "bound to unit \"s2\" (S2)",
+        ),
+        (
+            "two units on one door sensor, after a unit that does not parse",
+            with_rename(&|s| {
+                s["units"][4]["width"] = json!(-1);
+                s["units"][0]["door_sensor"] = json!({"board": "rb1", "input": 6});
+            }),
+            vec!["units[4].width", "units[5].door_sensor"],
+            "bound to unit \"s1\" (S1-renamed)",
+        ),
+    ];
+    for (what, s, fields, says) in cases {
+        let a = put_snapshot(&t, &s).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (422, "validation_error"),
+            "{what}: {:?}",
+            a.body
+        );
+        let want: BTreeSet<String> = fields.iter().map(|f| f.to_string()).collect();
+        assert_eq!(detail_fields(&a), want, "{what}");
+        let last = fields.last().unwrap();
+        let message = a.body["error"]["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["field"] == *last)
+            .and_then(|d| d["message"].as_str())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains(says), "{what}: {message}");
+    }
+    assert_eq!(replica(&t).await, before, "nothing changed");
+    assert_eq!(t.events_after(seq).await, Vec::<Value>::new());
+
+    // Units of one snapshot may swap their locks and sensors, and take a disabled board's
+    // last coil.
+    let mut s = base();
+    s["units"][3]["lock"] = json!({"kind": "smart_lock", "id": "lock-6"});
+    s["units"][3]["door_sensor"] = json!({"board": "rb1", "input": 6});
+    s["units"][5]["lock"] = json!({"kind": "relay", "board": "relay-1", "coil": 15});
+    s["units"][5]["door_sensor"] = Value::Null;
+    let a = put_snapshot(&t, &s).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let units = all_units(&t).await;
+    assert_eq!(
+        units["s4"]["lock"],
+        json!({"kind": "smart_lock", "id": "lock-6"})
+    );
+    assert_eq!(
+        units["s6"]["lock"],
+        json!({"kind": "relay", "board": "relay-1", "coil": 15})
+    );
+    t.stop().await;
+}

@@ -1171,3 +1171,360 @@ async fn unit_writes_need_units_scope() {
     assert_eq!(a.status, 401, "{:?}", a.body);
     t.stop().await;
 }
+
+// ---- bindings against the declared devices ----------------------------------------------
+
+/// The detail of an error answer for `field`.
+fn detail<'a>(a: &'a Answer, field: &str) -> &'a str {
+    a.body["error"]["details"]
+        .as_array()
+        .and_then(|d| d.iter().find(|d| d["field"] == field))
+        .and_then(|d| d["message"].as_str())
+        .unwrap_or_else(|| panic!("no detail {field} in {:?}", a.body))
+}
+
+/// The test site plus a gate keypad whose strike is relay-1 coil 0 and whose position
+/// sensor is relay-1 input 0, and a lock API that lists its locks. Everything disabled.
+async fn site_with_gate_and_lock_list() -> TestGateway {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = common::test_config(dir.path());
+    let gate = unitgate::config::Config::from_toml(
+        r#"
+        [[devices.keypads]]
+        id = "gate-1"
+        zone = "main-gate"
+        tcp = "127.0.0.1:9"
+        install_mode = true
+        gate = { board = "relay-1", coil = 0 }
+        gate_sensor = { board = "relay-1", input = 0 }
+        enabled = false
+        "#,
+    )
+    .expect("keypad parses");
+    cfg.devices.keypads = gate.devices.keypads;
+    if let Some(l) = cfg.devices.lock_api.as_mut() {
+        l.locks = Some(vec!["lk-1".into(), "lk-2".into()]);
+    }
+    cfg.validate().expect("valid config");
+    TestGateway::start_with(dir, cfg, common::TestClock::at("2026-03-10T12:00:00Z")).await
+}
+
+#[tokio::test]
+async fn bindings_must_name_declared_devices() {
+    let t = site_with_gate_and_lock_list().await;
+    t.seed(2).await;
+    let before = unit(&t, "u1").await;
+    let seq = t.last_seq().await;
+    let relay =
+        |board: &str, coil: u16| json!({"lock": {"kind": "relay", "board": board, "coil": coil}});
+    let sensor = |board: &str, input: u16| json!({"door_sensor": {"board": board, "input": input}});
+    let cases: Vec<(Value, &str, &str)> = vec![
+        (
+            relay("relay-9", 1),
+            "lock.board",
+            "configured: rb1, relay-1",
+        ),
+        (relay("relay-1", 16), "lock.coil", "has 16 coils"),
+        (
+            relay("relay-1", 0),
+            "lock.coil",
+            "gate strike of keypad \"gate-1\"",
+        ),
+        (
+            json!({"lock": {"kind": "smart_lock", "id": "lk-3"}}),
+            "lock.id",
+            "lk-3",
+        ),
+        (sensor("rb9", 1), "door_sensor.board", "rb9"),
+        (sensor("rb1", 16), "door_sensor.input", "has 16 inputs"),
+        (
+            sensor("relay-1", 0),
+            "door_sensor.input",
+            "gate position sensor of keypad \"gate-1\"",
+        ),
+    ];
+    for (binding, field, says) in &cases {
+        // PATCH.
+        let a = t.patch("/v1/units/u1", json!({ "unit": binding })).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (422, "validation_error"),
+            "{binding}: {:?}",
+            a.body
+        );
+        assert_eq!(
+            detail_fields(&a),
+            BTreeSet::from([format!("unit.{field}")]),
+            "{binding}"
+        );
+        assert!(
+            detail(&a, &format!("unit.{field}")).contains(says),
+            "{binding}: {:?}",
+            a.body
+        );
+        // Create.
+        let mut new = new_unit("N1");
+        for (k, v) in binding.as_object().unwrap() {
+            new[k] = v.clone();
+        }
+        let a = t.post("/v1/units", json!({ "unit": new })).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (422, "validation_error"),
+            "{binding}: {:?}",
+            a.body
+        );
+        assert_eq!(
+            detail_fields(&a),
+            BTreeSet::from([format!("unit.{field}")]),
+            "{binding}"
+        );
+        // bulk_update: the other unit's harmless change does not land either.
+        let mut item = binding.clone();
+        item["id"] = json!("u1");
+        let a = t
+            .put(
+                "/v1/units/bulk_update",
+                json!({"units": [{"id": "u2", "width": 9}, item]}),
+            )
+            .await;
+        assert_eq!(
+            (a.status, a.code()),
+            (400, "invalid_parameters"),
+            "{binding}: {:?}",
+            a.body
+        );
+        let key = field.split('.').next().unwrap();
+        let hash = a.body["error"]["error_hash"].as_object().unwrap();
+        assert_eq!(hash.keys().collect::<Vec<_>>(), [key], "{binding}");
+        assert_eq!(hash[key][0]["id"], "u1");
+        assert!(
+            hash[key][0]["message"].as_str().unwrap().contains(says),
+            "{binding}"
+        );
+    }
+    assert_eq!(
+        unit(&t, "u1").await,
+        before,
+        "version and bindings unchanged"
+    );
+    assert_eq!(unit(&t, "u2").await["width"], 5.0);
+    assert_eq!(
+        t.get("/v1/units").await.body["units"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(t.events_after(seq).await, Vec::<Value>::new());
+
+    // Declared devices are accepted, though disabled: coil 15 is the last, coil 1 no strike.
+    let a = t
+        .patch(
+            "/v1/units/u1",
+            json!({"unit": {"lock": {"kind": "relay", "board": "relay-1", "coil": 15},
+                            "door_sensor": {"board": "relay-1", "input": 1}}}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["unit"]["version"], 2);
+    let a = t
+        .patch(
+            "/v1/units/u2",
+            json!({"unit": {"lock": {"kind": "smart_lock", "id": "lk-2"}}}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_smart_lock_needs_a_lock_api() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = common::test_config(dir.path());
+    cfg.devices.lock_api = None;
+    let t = TestGateway::start_with(dir, cfg, common::TestClock::at("2026-03-10T12:00:00Z")).await;
+    t.seed(1).await;
+    let before = unit(&t, "u1").await;
+    let a = t
+        .patch(
+            "/v1/units/u1",
+            json!({"unit": {"lock": {"kind": "smart_lock", "id": "lk-1"}}}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (422, "validation_error"),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(
+        detail_fields(&a),
+        BTreeSet::from(["unit.lock.kind".to_owned()])
+    );
+    assert!(
+        detail(&a, "unit.lock.kind").contains("none is configured"),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(unit(&t, "u1").await, before);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_lock_or_door_sensor_belongs_to_one_unit() {
+    let t = TestGateway::start().await;
+    t.seed(3).await;
+    let lk1 = json!({"kind": "smart_lock", "id": "lk-1"});
+    let coil3 = json!({"kind": "relay", "board": "relay-1", "coil": 3});
+    let input2 = json!({"board": "rb1", "input": 2});
+    let a = t
+        .patch(
+            "/v1/units/u1",
+            json!({"unit": {"lock": lk1, "door_sensor": input2}}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = t
+        .patch("/v1/units/u3", json!({"unit": {"lock": coil3}}))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let u2 = unit(&t, "u2").await;
+    let seq = t.last_seq().await;
+
+    // PATCH another unit onto them: 409, naming the holder.
+    for (body, code, field, holder) in [
+        (
+            json!({"lock": lk1}),
+            "lock_in_use",
+            "unit.lock",
+            "\"u1\" (U001)",
+        ),
+        (
+            json!({"lock": coil3}),
+            "lock_in_use",
+            "unit.lock",
+            "\"u3\" (U003)",
+        ),
+        (
+            json!({"door_sensor": input2}),
+            "door_sensor_in_use",
+            "unit.door_sensor",
+            "\"u1\" (U001)",
+        ),
+    ] {
+        let a = t.patch("/v1/units/u2", json!({ "unit": body })).await;
+        assert_eq!((a.status, a.code()), (409, code), "{body}: {:?}", a.body);
+        assert_eq!(
+            detail_fields(&a),
+            BTreeSet::from([field.to_owned()]),
+            "{body}"
+        );
+        assert!(detail(&a, field).contains(holder), "{body}: {:?}", a.body);
+    }
+    // Create onto them: 409 too, and nothing created.
+    let mut new = new_unit("N1");
+    new["lock"] = coil3.clone();
+    let a = t.post("/v1/units", json!({ "unit": new })).await;
+    assert_eq!((a.status, a.code()), (409, "lock_in_use"), "{:?}", a.body);
+    assert!(detail(&a, "unit.lock").contains("\"u3\""), "{:?}", a.body);
+    // Several names can't share one lock.
+    let mut new = new_unit("N1,N2");
+    new["lock"] = json!({"kind": "smart_lock", "id": "lk-9"});
+    let a = t.post("/v1/units", json!({ "unit": new })).await;
+    assert_eq!(
+        (a.status, a.code()),
+        (422, "validation_error"),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(detail_fields(&a), BTreeSet::from(["unit.lock".to_owned()]));
+    // bulk_create: in error_hash.
+    let mut new = new_unit("N1");
+    new["door_sensor"] = input2.clone();
+    let a = t
+        .post("/v1/units/bulk_create", json!({"units": [new]}))
+        .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (400, "invalid_parameters"),
+        "{:?}",
+        a.body
+    );
+    assert!(
+        a.body["error"]["error_hash"]["door_sensor"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"u1\""),
+        "{:?}",
+        a.body
+    );
+    // bulk_update: against the replica, and two units of one request on one new lock.
+    let a = t
+        .put(
+            "/v1/units/bulk_update",
+            json!({"units": [{"id": "u2", "lock": lk1}]}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.code()),
+        (400, "invalid_parameters"),
+        "{:?}",
+        a.body
+    );
+    let entry = &a.body["error"]["error_hash"]["lock"][0];
+    assert_eq!(entry["id"], "u2");
+    assert!(
+        entry["message"].as_str().unwrap().contains("\"u1\""),
+        "{entry}"
+    );
+    let lk9 = json!({"kind": "smart_lock", "id": "lk-9"});
+    let a = t
+        .put(
+            "/v1/units/bulk_update",
+            json!({"units": [{"id": "u2", "lock": lk9}, {"id": "u3", "lock": lk9}]}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{:?}", a.body);
+    let entries = a.body["error"]["error_hash"]["lock"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0]["id"], "u3");
+    assert!(entries[0]["message"].as_str().unwrap().contains("\"u2\""));
+
+    assert_eq!(unit(&t, "u2").await, u2, "version and bindings unchanged");
+    assert_eq!(unit(&t, "u3").await["lock"], coil3);
+    assert_eq!(
+        t.get("/v1/units").await.body["units"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+    assert_eq!(t.events_after(seq).await, Vec::<Value>::new());
+
+    // Within one request units may swap locks; a freed lock may be taken.
+    let a = t
+        .put(
+            "/v1/units/bulk_update",
+            json!({"units": [{"id": "u1", "lock": coil3}, {"id": "u3", "lock": lk1}]}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = t
+        .patch("/v1/units/u1", json!({"unit": {"door_sensor": null}}))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let a = t
+        .patch("/v1/units/u2", json!({"unit": {"door_sensor": input2}}))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    // A unit keeps its own binding through other changes.
+    let a = t
+        .patch(
+            "/v1/units/u2",
+            json!({"unit": {"door_sensor": input2, "width": 6}}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    t.stop().await;
+}

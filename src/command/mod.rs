@@ -2,11 +2,13 @@
 //! applied by the same code inside the store's writer, with idempotency and `If-Match`.
 
 pub mod allocation;
+pub mod automation;
 pub mod snapshot;
 pub mod unit;
 pub mod upsert;
 
 use crate::api::error::ApiError;
+use crate::domain::catalog::DeviceCatalog;
 use crate::domain::desired;
 use crate::domain::pin::PinKey;
 use crate::domain::unit::UnitRecord;
@@ -49,6 +51,12 @@ pub enum Command {
     UpsertTenancy(upsert::UpsertTenancy),
     /// `PUT /v1/sync/snapshot`.
     Snapshot(Box<snapshot::Snapshot>),
+    /// Auto move-in of a reserved unit (the scheduler).
+    AutoMoveIn(automation::Due),
+    /// Auto deallocate of a unit whose tenancy has ended (the scheduler).
+    AutoDeallocate(automation::Due),
+    /// A `payment.failed` event: auto overlock when the site has it on.
+    PaymentFailed(automation::PaymentFailed),
 }
 
 impl Command {
@@ -69,6 +77,9 @@ impl Command {
             Command::UpsertContact(_) => "upsert_contact",
             Command::UpsertTenancy(_) => "upsert_tenancy",
             Command::Snapshot(_) => "snapshot",
+            Command::AutoMoveIn(_) => "auto_move_in",
+            Command::AutoDeallocate(_) => "auto_deallocate",
+            Command::PaymentFailed(_) => "payment_failed",
         }
     }
 
@@ -88,6 +99,9 @@ impl Command {
             Command::UpsertContact(c) => c.apply(conn, ctx),
             Command::UpsertTenancy(c) => c.apply(conn, ctx),
             Command::Snapshot(c) => c.apply(conn, ctx),
+            Command::AutoMoveIn(c) => c.move_in(conn, ctx),
+            Command::AutoDeallocate(c) => c.deallocate(conn, ctx),
+            Command::PaymentFailed(c) => c.apply(conn, ctx),
         }
     }
 }
@@ -134,6 +148,8 @@ pub struct Context {
     pub if_match: Option<i64>,
     /// The device id of the lock API (where smart-lock targets go).
     pub lock_api: String,
+    /// The declared devices that unit bindings may name.
+    pub catalog: Arc<DeviceCatalog>,
 }
 
 impl Context {
@@ -243,6 +259,7 @@ pub struct Executor {
     clock: Clock,
     idempotency_ttl_s: i64,
     lock_api: String,
+    catalog: Arc<DeviceCatalog>,
     committed: Option<Arc<Notify>>,
 }
 
@@ -258,7 +275,7 @@ impl std::fmt::Debug for Executor {
 }
 
 impl Executor {
-    /// An executor for one site.
+    /// An executor for one site whose unit bindings may name the devices of `catalog`.
     pub fn new(
         store: Store,
         site_id: String,
@@ -266,6 +283,7 @@ impl Executor {
         pin_key: PinKey,
         clock: Clock,
         idempotency_ttl_s: i64,
+        catalog: Arc<DeviceCatalog>,
     ) -> Self {
         Executor {
             store,
@@ -275,6 +293,7 @@ impl Executor {
             clock,
             idempotency_ttl_s,
             lock_api: DEFAULT_LOCK_API.to_owned(),
+            catalog,
             committed: None,
         }
     }
@@ -312,6 +331,11 @@ impl Executor {
         self.now().with_timezone(&self.tz).date_naive()
     }
 
+    /// The site timezone.
+    pub fn tz(&self) -> Tz {
+        self.tz
+    }
+
     /// Runs a command: replays a stored reply for a known key, otherwise applies it in one
     /// transaction (all of it or none of it) and stores the reply with the key.
     pub async fn execute(&self, env: Envelope) -> Reply {
@@ -322,6 +346,7 @@ impl Executor {
             now: self.now(),
             if_match: env.if_match,
             lock_api: self.lock_api.clone(),
+            catalog: self.catalog.clone(),
         };
         let request_id = env.request_id.clone();
         let ttl = self.idempotency_ttl_s;

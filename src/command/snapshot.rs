@@ -5,6 +5,7 @@ use super::unit::write_updates;
 use super::upsert::{ContactBody, TenancyBody, contact_record, tenancy_record};
 use super::{Applied, Context};
 use crate::api::error::ApiError;
+use crate::domain::catalog::{self, Claim};
 use crate::domain::hours::AccessHours;
 use crate::domain::unit::{UnitInput, UnitRecord, validate_id};
 use crate::domain::{EventType, FieldError, Patch};
@@ -270,6 +271,8 @@ impl Snapshot {
             }
         }
         let mut units = Vec::new();
+        // Where each of `units` is in the request (units that don't parse are left out).
+        let mut unit_at = Vec::new();
         let mut names = HashSet::new();
         let mut unit_ids = HashSet::new();
         for (i, u) in self.units.into_iter().enumerate() {
@@ -298,6 +301,13 @@ impl Snapshot {
                             "not in the snapshot",
                         ));
                     }
+                    errors.extend(
+                        ctx.catalog
+                            .check(&n.bindings)
+                            .into_iter()
+                            .map(|e| FieldError::new(format!("units[{i}].{}", e.field), e.message)),
+                    );
+                    unit_at.push(i);
                     units.push(UnitRecord {
                         id,
                         name,
@@ -313,6 +323,17 @@ impl Snapshot {
                         .map(|e| FieldError::new(format!("units[{i}].{}", e.field), e.message)),
                 ),
             }
+        }
+        // The snapshot is the whole replica: its units are checked among themselves only.
+        let claims: Vec<Claim<'_>> = units
+            .iter()
+            .map(|u| Claim::change(&u.id, &u.name, None, &u.bindings))
+            .collect();
+        for c in catalog::clashes(&claims) {
+            errors.push(FieldError::new(
+                format!("units[{}].{}", unit_at[c.claim], c.what.field()),
+                c.message,
+            ));
         }
         let mut active: HashMap<&str, usize> = HashMap::new();
         let mut allocations = Vec::new();
@@ -347,7 +368,7 @@ impl Snapshot {
                 ended_by: a.ended_by.clone(),
             });
         }
-        for (i, u) in units.iter().enumerate() {
+        for (u, &i) in units.iter().zip(&unit_at) {
             match (
                 u.status.has_allocation(),
                 active.contains_key(u.id.as_str()),

@@ -2,6 +2,7 @@
 
 use super::{Applied, Context};
 use crate::api::error::{ApiError, BulkItemError};
+use crate::domain::catalog::{self, Claim, Clash, Exclusive};
 use crate::domain::unit::{NewUnit, UnitInput, UnitPatch, UnitRecord, changed_fields};
 use crate::domain::{EventType, FieldError};
 use crate::model::{UnitEnvelope, UnitView, UnitsResult};
@@ -258,6 +259,58 @@ impl Problem {
     }
 }
 
+/// The locks and door sensors that units of a request, each `(old, new)` (old None: a new
+/// unit), would share with another unit of the request or of the replica. Indexes of the
+/// clashes are those of `changes`.
+fn binding_clashes(
+    conn: &Connection,
+    changes: &[(Option<&UnitRecord>, &UnitRecord)],
+) -> Result<Vec<Clash>, StoreError> {
+    let mut claims: Vec<Claim<'_>> = changes
+        .iter()
+        .map(|(old, new)| {
+            Claim::change(&new.id, &new.name, old.map(|o| &o.bindings), &new.bindings)
+        })
+        .collect();
+    if !claims.iter().any(Claim::is_checked) {
+        return Ok(Vec::new());
+    }
+    let in_request: HashSet<&str> = changes
+        .iter()
+        .flat_map(|(old, new)| [Some(new.id.as_str()), old.map(|o| o.id.as_str())])
+        .flatten()
+        .collect();
+    let replica = units::bound(conn)?;
+    claims.extend(
+        replica
+            .iter()
+            .filter(|u| !in_request.contains(u.id.as_str()))
+            .map(|u| Claim::held(&u.id, &u.name, &u.bindings)),
+    );
+    Ok(catalog::clashes(&claims))
+}
+
+/// The 409 for a lock or door sensor another unit holds (as `access_code_taken` is for a
+/// PIN; the other unit is named, it is no secret).
+fn binding_in_use(clashes: &[Clash]) -> ApiError {
+    let (code, what) = match clashes.first().map(|c| c.what) {
+        Some(Exclusive::DoorSensor) => ("door_sensor_in_use", "a door sensor"),
+        _ => ("lock_in_use", "a lock"),
+    };
+    let message = clashes.first().map_or_else(String::new, |c| {
+        format!(
+            "{}: {what} belongs to one unit; unbind it there first",
+            c.message
+        )
+    });
+    ApiError::new(409, code, message).with_details(
+        clashes
+            .iter()
+            .map(|c| FieldError::new(format!("unit.{}", c.what.field()), c.message.clone()))
+            .collect(),
+    )
+}
+
 /// Checks new units against the replica (unit type, names, ids) and builds their records.
 fn plan_creates(
     conn: &Connection,
@@ -354,19 +407,29 @@ impl CreateUnits {
                     .collect(),
             )
         })?;
+        let devices = ctx.catalog.check(&new.bindings);
         let (records, problems) = plan_creates(conn, vec![new])?;
-        if !problems.is_empty() {
-            return Err(ApiError::validation(
-                problems
-                    .into_iter()
-                    .map(|p| {
-                        FieldError::new(
-                            format!("unit.{}", p.field),
-                            format!("{}: {}", p.name, p.message),
-                        )
-                    })
-                    .collect(),
-            ));
+        let mut errors: Vec<FieldError> = problems
+            .into_iter()
+            .map(|p| {
+                FieldError::new(
+                    format!("unit.{}", p.field),
+                    format!("{}: {}", p.name, p.message),
+                )
+            })
+            .collect();
+        errors.extend(
+            devices
+                .into_iter()
+                .map(|e| FieldError::new(format!("unit.{}", e.field), e.message)),
+        );
+        if !errors.is_empty() {
+            return Err(ApiError::validation(errors));
+        }
+        let changes: Vec<_> = records.iter().map(|r| (None, r)).collect();
+        let clashes = binding_clashes(conn, &changes)?;
+        if !clashes.is_empty() {
+            return Err(binding_in_use(&clashes));
         }
         let views = insert_all(conn, ctx, &records)?;
         Applied::created(&UnitsResult { units: views })
@@ -395,6 +458,14 @@ impl BulkCreate {
                 }
             }
         }
+        // Each item has one name, so news and records pair up one to one.
+        let given: Vec<Option<String>> = news.iter().map(|n| n.id.clone()).collect();
+        for n in &news {
+            for e in ctx.catalog.check(&n.bindings) {
+                let name = n.names.first().map(String::as_str);
+                push(&mut hash, &e.field, n.id.as_deref(), name, e.message);
+            }
+        }
         let (records, problems) = plan_creates(conn, news)?;
         for p in problems {
             push(
@@ -404,6 +475,12 @@ impl BulkCreate {
                 Some(&p.name),
                 p.message,
             );
+        }
+        let changes: Vec<_> = records.iter().map(|r| (None, r)).collect();
+        for c in binding_clashes(conn, &changes)? {
+            let id = given.get(c.claim).and_then(Option::as_deref);
+            let name = records.get(c.claim).map(|r| r.name.as_str());
+            push(&mut hash, c.what.field(), id, name, c.message);
         }
         if !hash.is_empty() {
             return Err(ApiError::bulk(400, hash));
@@ -501,15 +578,26 @@ impl UpdateUnit {
                     .collect(),
             )
         })?;
+        let devices = ctx
+            .catalog
+            .check_change(Some(&row.record.bindings), &new.bindings);
         let pair = vec![(row.record.clone(), new)];
         let problems = check_patched(conn, &pair)?;
-        if !problems.is_empty() {
-            return Err(ApiError::validation(
-                problems
-                    .into_iter()
-                    .map(|p| FieldError::new(format!("unit.{}", p.field), p.message))
-                    .collect(),
-            ));
+        let mut errors: Vec<FieldError> = problems
+            .into_iter()
+            .map(|p| FieldError::new(format!("unit.{}", p.field), p.message))
+            .collect();
+        errors.extend(
+            devices
+                .into_iter()
+                .map(|e| FieldError::new(format!("unit.{}", e.field), e.message)),
+        );
+        if !errors.is_empty() {
+            return Err(ApiError::validation(errors));
+        }
+        let clashes = binding_clashes(conn, &[(Some(&pair[0].0), &pair[0].1)])?;
+        if !clashes.is_empty() {
+            return Err(binding_in_use(&clashes));
         }
         write_updates(conn, ctx, &pair)?;
         let row = units::get(conn, &self.unit_id)?.ok_or_else(ApiError::internal)?;
@@ -559,6 +647,28 @@ impl BulkUpdate {
                 p.id.as_deref(),
                 Some(&p.name),
                 p.message,
+            );
+        }
+        for (old, new) in &pairs {
+            for e in ctx.catalog.check_change(Some(&old.bindings), &new.bindings) {
+                push(
+                    &mut hash,
+                    &e.field,
+                    Some(&new.id),
+                    Some(&new.name),
+                    e.message,
+                );
+            }
+        }
+        let changes: Vec<_> = pairs.iter().map(|(old, new)| (Some(old), new)).collect();
+        for c in binding_clashes(conn, &changes)? {
+            let (_, new) = &pairs[c.claim];
+            push(
+                &mut hash,
+                c.what.field(),
+                Some(&new.id),
+                Some(&new.name),
+                c.message,
             );
         }
         if !hash.is_empty() {

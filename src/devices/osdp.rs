@@ -719,6 +719,7 @@ mod tests {
             gate: None,
             gate_sensor: None,
             pulse_ms: 3000,
+            enabled: true,
         }
     }
 

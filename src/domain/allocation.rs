@@ -195,7 +195,8 @@ impl Refusal {
     }
 }
 
-const DEALLOCATABLE: [UnitStatus; 4] = [
+/// The statuses `deallocate` takes a unit from.
+pub const DEALLOCATABLE: [UnitStatus; 4] = [
     UnitStatus::Reserved,
     UnitStatus::Occupied,
     UnitStatus::Overlocked,

@@ -22,13 +22,28 @@ pub const WEEKDAYS: [&str; 7] = [
 #[serde(transparent)]
 pub struct AccessHours(pub BTreeMap<String, String>);
 
-/// One weekday's window in minutes after midnight, `[open, close)`.
+/// One weekday's window in minutes after midnight, `[open, close)`. A window that closes
+/// before it opens (`"18:00-02:00"`) runs past midnight into the next day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
     /// Opening minute.
     pub open: u16,
-    /// Closing minute (exclusive, up to 1440).
+    /// Closing minute (exclusive, up to 1440; below `open`: on the next day).
     pub close: u16,
+}
+
+impl Window {
+    /// Whether it runs past midnight.
+    pub fn wraps(&self) -> bool {
+        self.close < self.open
+    }
+}
+
+impl std::fmt::Display for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hm = |m: u16| format!("{:02}:{:02}", m / 60, m % 60);
+        write!(f, "{}-{}", hm(self.open), hm(self.close))
+    }
 }
 
 /// An access-hours value that does not parse.
@@ -51,7 +66,8 @@ fn parse_hhmm(s: &str) -> Option<u16> {
     (m < 60 && (h < 24 || (h == 24 && m == 0))).then_some(h * 60 + m)
 }
 
-/// Parses `"HH:MM-HH:MM"` (open before close) or `"closed"`.
+/// Parses `"HH:MM-HH:MM"` or `"closed"`. A closing time before the opening time runs
+/// past midnight (`"22:00-02:00"`: until 02:00 the next day); equal times are refused.
 pub fn parse_window(s: &str) -> Result<Option<Window>, String> {
     if s == "closed" {
         return Ok(None);
@@ -62,8 +78,16 @@ pub fn parse_window(s: &str) -> Result<Option<Window>, String> {
         parse_hhmm(a).ok_or_else(bad)?,
         parse_hhmm(b).ok_or_else(bad)?,
     );
-    if open >= close {
-        return Err(format!("{s:?}: opening time must be before closing time"));
+    if open == close {
+        return Err(format!(
+            "{s:?}: opening and closing times are the same (all day is \"00:00-24:00\")"
+        ));
+    }
+    if close < open && close == 0 {
+        return Err(format!("{s:?}: write midnight closing as 24:00"));
+    }
+    if open == 1440 {
+        return Err(format!("{s:?}: cannot open at 24:00 (write 00:00)"));
     }
     Ok(Some(Window { open, close }))
 }
@@ -108,11 +132,21 @@ impl AccessHours {
         self.0.get(key).and_then(|v| parse_window(v).ok().flatten())
     }
 
-    /// Whether a site-local time falls within these hours.
+    /// Whether a site-local time falls within these hours: today's window, or the end of
+    /// yesterday's window if that one runs past midnight.
     pub fn allows(&self, local: NaiveDateTime) -> bool {
         let minute = (local.hour() * 60 + local.minute()) as u16;
-        self.window(local.weekday())
-            .is_some_and(|w| (w.open..w.close).contains(&minute))
+        let today = self.window(local.weekday()).is_some_and(|w| {
+            if w.wraps() {
+                minute >= w.open
+            } else {
+                (w.open..w.close).contains(&minute)
+            }
+        });
+        let from_yesterday = self
+            .window(local.weekday().pred())
+            .is_some_and(|w| w.wraps() && minute < w.close);
+        today || from_yesterday
     }
 }
 
@@ -149,7 +183,9 @@ mod tests {
         for bad in [
             "6:00-22:00",
             "06:00",
-            "22:00-06:00",
+            "06:00-06:00",
+            "22:00-00:00",
+            "24:00-06:00",
             "06:60-07:00",
             "24:01-24:02",
             "",
@@ -161,6 +197,33 @@ mod tests {
             .validate()
             .unwrap_err();
         assert_eq!(errs.len(), 2);
+    }
+
+    #[test]
+    fn a_window_past_midnight_continues_into_the_next_day() {
+        assert_eq!(
+            parse_window("22:00-02:00").unwrap(),
+            Some(Window {
+                open: 1320,
+                close: 120
+            })
+        );
+        // Tuesday 22:00 until Wednesday 02:00; Wednesday itself is closed.
+        let h = hours(&[("tuesday", "22:00-02:00")]);
+        let at = |s: &str| NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M").unwrap();
+        assert!(!h.allows(at("2026-03-10 21:59")));
+        assert!(h.allows(at("2026-03-10 22:00")));
+        assert!(h.allows(at("2026-03-10 23:59")));
+        assert!(h.allows(at("2026-03-11 00:00")));
+        assert!(h.allows(at("2026-03-11 01:59")));
+        assert!(!h.allows(at("2026-03-11 02:00")));
+        assert!(!h.allows(at("2026-03-11 22:00")));
+        // Monday's window does not reach Tuesday morning.
+        assert!(!h.allows(at("2026-03-10 01:00")));
+        assert_eq!(
+            h.window(chrono::Weekday::Tue).map(|w| w.to_string()),
+            Some("22:00-02:00".into())
+        );
     }
 
     #[test]

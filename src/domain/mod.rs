@@ -1,12 +1,15 @@
 //! The pure domain core: statuses, the allocation state machine, desired hardware state,
 //! unit records and their validation, access hours, PIN hashing. No I/O, no async, no SQL.
 
+pub mod access;
 pub mod allocation;
+pub mod catalog;
 pub mod desired;
 pub mod event;
 pub mod hours;
 pub mod patch;
 pub mod pin;
+pub mod schedule;
 pub mod status;
 pub mod unit;
 

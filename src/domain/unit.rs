@@ -28,7 +28,7 @@ pub enum AccessType {
 }
 
 /// What locks the unit: a smart lock of the lock API, or an overlock relay coil.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LockBinding {
     /// A smart lock by its vendor id.
@@ -46,7 +46,7 @@ pub enum LockBinding {
 }
 
 /// A door sensor: a discrete input on a relay board.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DoorSensor {
     /// Relay board id.
@@ -466,6 +466,21 @@ impl UnitInput {
                 errors.push(FieldError::new("id", "can't be given with several names"));
             }
         }
+        // One lock or door sensor belongs to one unit: it can't be copied to several.
+        if names.len() > 1 {
+            if self.lock.is_some() {
+                errors.push(FieldError::new(
+                    "lock",
+                    "can't be given with several names: a lock binds one unit",
+                ));
+            }
+            if self.door_sensor.is_some() {
+                errors.push(FieldError::new(
+                    "door_sensor",
+                    "can't be given with several names: a door sensor belongs to one unit",
+                ));
+            }
+        }
         let unit_type = required(&mut errors, "unit_type", self.unit_type);
         if let Some(t) = &unit_type
             && let Err(m) = validate_id(t)
@@ -705,6 +720,26 @@ mod tests {
             i.into_new(true).unwrap_err()[0].message,
             "\"B1\" is given twice"
         );
+    }
+
+    #[test]
+    fn several_names_cannot_share_a_lock_or_door_sensor() {
+        let mut i = input();
+        i.lock = Some(LockBinding::SmartLock { id: "lk-1".into() });
+        i.door_sensor = Some(DoorSensor {
+            board: "rb1".into(),
+            input: 1,
+        });
+        let fields: Vec<_> = i
+            .clone()
+            .into_new(true)
+            .unwrap_err()
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(fields, ["lock", "door_sensor"]);
+        i.name = Some("A1".into());
+        assert!(i.into_new(true).is_ok(), "one name may");
     }
 
     #[test]

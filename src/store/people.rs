@@ -368,3 +368,56 @@ pub fn delete_unit_type(conn: &Connection, id: &str) -> Result<(), StoreError> {
         .execute([id])?;
     Ok(())
 }
+
+/// An active allocation with its tenancy's dates: what the automations look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatedAllocation {
+    /// Unit id.
+    pub unit_id: String,
+    /// Tenancy id.
+    pub tenancy_id: String,
+    /// The tenancy's start date.
+    pub start_date: NaiveDate,
+    /// The tenancy's end date.
+    pub end_date: Option<NaiveDate>,
+}
+
+fn dated(conn: &Connection, filter: &str) -> Result<Vec<DatedAllocation>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT a.unit_id, a.tenancy_id, t.start_date, t.end_date
+         FROM unit_allocations a
+         JOIN units u ON u.id = a.unit_id
+         JOIN tenancies t ON t.id = a.tenancy_id
+         WHERE a.ended_at IS NULL AND {filter}
+         ORDER BY a.unit_id"
+    ))?;
+    let rows = stmt
+        .query_map([], |r| {
+            let start: String = r.get(2)?;
+            let end: Option<String> = r.get(3)?;
+            Ok(DatedAllocation {
+                unit_id: r.get(0)?,
+                tenancy_id: r.get(1)?,
+                start_date: start.parse().map_err(|e| conversion(2, e))?,
+                end_date: end
+                    .map(|e| e.parse())
+                    .transpose()
+                    .map_err(|e| conversion(3, e))?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Reserved units waiting for their move-in.
+pub fn reservations(conn: &Connection) -> Result<Vec<DatedAllocation>, StoreError> {
+    dated(conn, "u.status = 'reserved'")
+}
+
+/// Active allocations of tenancies that have an end date (any status deallocate takes).
+pub fn ending_allocations(conn: &Connection) -> Result<Vec<DatedAllocation>, StoreError> {
+    dated(
+        conn,
+        "t.end_date IS NOT NULL AND u.status IN ('reserved', 'occupied', 'overlocked', 'repossessed')",
+    )
+}

@@ -44,3 +44,16 @@ pub fn id(conn: &Connection) -> Result<Option<String>, StoreError> {
         .query_row("SELECT id FROM site", [], |r| r.get(0))
         .optional()?)
 }
+
+/// The site's automation settings, from the settings the config last wrote (defaults for
+/// any key missing).
+pub fn automations(conn: &Connection) -> Result<crate::domain::schedule::Automations, StoreError> {
+    let settings: Option<String> = conn
+        .prepare_cached("SELECT settings FROM site")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
+    match settings {
+        Some(s) => Ok(serde_json::from_str(&s)?),
+        None => Ok(Default::default()),
+    }
+}

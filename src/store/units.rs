@@ -215,6 +215,39 @@ pub fn all(conn: &Connection) -> Result<Vec<UnitRow>, StoreError> {
     Ok(rows)
 }
 
+/// A unit's bindings, by id and name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoundUnit {
+    /// Unit id.
+    pub id: String,
+    /// Unit name.
+    pub name: String,
+    /// Its bindings.
+    pub bindings: Bindings,
+}
+
+/// Every unit bound to a lock or a door sensor, in id order.
+pub fn bound(conn: &Connection) -> Result<Vec<BoundUnit>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, name, zones, lock, door_sensor FROM units
+         WHERE lock IS NOT NULL OR door_sensor IS NOT NULL ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map([], |r| {
+            Ok(BoundUnit {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                bindings: Bindings {
+                    zones: decode(&r.get::<_, String>(2)?)?,
+                    lock: decode_opt(r.get(3)?)?,
+                    door_sensor: decode_opt(r.get(4)?)?,
+                },
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// The unit id holding a name, if any.
 pub fn id_by_name(conn: &Connection, name: &str) -> Result<Option<String>, StoreError> {
     Ok(conn

@@ -5,6 +5,8 @@
     reason = "each test binary uses a different part of the harness"
 )]
 
+pub mod site;
+
 use chrono::{DateTime, Utc};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -43,7 +45,10 @@ impl TestClock {
     }
 }
 
-/// The config every test starts from: site in Europe/London, plain HTTP on port 0.
+/// The config every test starts from: site in Europe/London, plain HTTP on port 0, and the
+/// devices tests bind units to (relay boards `relay-1` and `rb1`, 16 coils and 16 inputs
+/// each; a lock API taking any lock id), declared disabled so that no driver runs: their
+/// commands only queue.
 pub fn test_config(data_dir: &std::path::Path) -> Config {
     let mut cfg = Config::from_toml(
         r#"
@@ -54,6 +59,23 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
         [api]
         listen = "127.0.0.1:0"
         plain_http = true
+        [[devices.relay_boards]]
+        id = "relay-1"
+        transport = "tcp"
+        address = "127.0.0.1:9"
+        coils = 16
+        inputs = 16
+        enabled = false
+        [[devices.relay_boards]]
+        id = "rb1"
+        transport = "tcp"
+        address = "127.0.0.1:9"
+        coils = 16
+        inputs = 16
+        enabled = false
+        [devices.lock_api]
+        url = "http://127.0.0.1:9"
+        enabled = false
         "#,
     )
     .expect("test config");
@@ -237,6 +259,19 @@ impl TestGateway {
             after = a.body["next_after"].as_i64().unwrap();
             out.extend(evs);
         }
+    }
+
+    /// Sets the clock to `rfc3339` and waits for an automation pass that saw the new time
+    /// (the scheduler sleeps by the real clock; a kick makes it look at once).
+    pub async fn automations_at(&self, rfc3339: &str) {
+        self.clock.set(rfc3339);
+        self.gw
+            .as_ref()
+            .expect("running")
+            .automation
+            .run_now()
+            .await
+            .expect("the automation scheduler runs");
     }
 
     /// The newest event seq.

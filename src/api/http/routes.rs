@@ -8,6 +8,7 @@ use crate::api::error::{ApiError, ErrorBody};
 use crate::command::allocation::{
     AllocationBody, ByBody, ContactOnly, SetStatus, SetStatusBody, UnitAllocation, UnitOnly,
 };
+use crate::command::automation::{PaymentFailed, PaymentFailedBody};
 use crate::command::snapshot::{Snapshot, SnapshotReply};
 use crate::command::unit::{
     BulkBody, BulkCreate, BulkUpdate, CreateUnits, UnitPatchBody, UpdateUnit,
@@ -18,8 +19,8 @@ use crate::command::upsert::{
 use crate::command::{Command, Envelope, Reply};
 use crate::domain::UnitStatus;
 use crate::model::{
-    ContactResult, EventPage, Health, ListMeta, Pagination, TenancyResult, UnitEnvelope, UnitList,
-    UnitResult, UnitTypeResult, UnitsResult,
+    ContactResult, EventPage, Health, ListMeta, Pagination, PaymentFailedResult, TenancyResult,
+    UnitEnvelope, UnitList, UnitResult, UnitTypeResult, UnitsResult,
 };
 use crate::store::{StoreError, events, people, units};
 use axum::Json;
@@ -55,7 +56,8 @@ pub enum Errors {
     /// Wrong method for the route.
     #[response(status = 405)]
     MethodNotAllowed(ErrorBody),
-    /// Refused transition, version mismatch, access code taken.
+    /// Refused transition, version mismatch, access code taken, a lock or door sensor bound
+    /// to another unit (`lock_in_use`, `door_sensor_in_use`).
     #[response(status = 409)]
     Conflict(ErrorBody),
     /// Body over the limit.
@@ -108,6 +110,7 @@ pub fn api(limits: Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(set_status))
         .routes(routes!(overlock))
         .routes(routes!(remove_overlock))
+        .routes(routes!(payment_failed))
         .routes(routes!(list_units, create_units))
         .routes(routes!(available_units))
         .routes(routes!(get_unit, patch_unit, put_unit))
@@ -293,6 +296,26 @@ async fn remove_overlock(
     body: JsonBody<ByBody>,
 ) -> Result<Response, ApiError> {
     let cmd = Command::RemoveOverlock(ContactOnly {
+        contact_id: contact_id.clone(),
+        body: body.value,
+    });
+    Ok(run(&s, &p, cmd, &contact_id, meta, rid, &body.canonical).await)
+}
+
+/// A `payment.failed` event for the contact: with the site's `auto_overlock` on, every
+/// occupied unit of the contact is overlocked; otherwise nothing changes and the answer says why.
+#[utoipa::path(post, path = "/v1/contacts/{contact_id}/payment_failed", tag = "allocations",
+    params(("contact_id" = String, Path), WriteHeaders), request_body(content = PaymentFailedBody, description = "Optional"),
+    responses((status = 200, body = PaymentFailedResult), Errors))]
+async fn payment_failed(
+    State(s): State<AppState>,
+    p: Authorized<needs::AllocationsWrite>,
+    rid: RequestId,
+    meta: WriteMeta,
+    Path(contact_id): Path<String>,
+    body: JsonBody<PaymentFailedBody>,
+) -> Result<Response, ApiError> {
+    let cmd = Command::PaymentFailed(PaymentFailed {
         contact_id: contact_id.clone(),
         body: body.value,
     });

@@ -102,6 +102,7 @@ fn board(id: &str, unit: u8, timeout_ms: u64) -> RelayBoardConfig {
         response_delay_ms: None,
         timeout_ms,
         poll_ms: 60_000,
+        enabled: true,
     }
 }
 
