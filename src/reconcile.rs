@@ -330,13 +330,13 @@ impl HealthReport {
     /// Records what was seen; true when the device has just come online (first contact
     /// included), which is when its state should be read back.
     pub async fn record(&mut self, online: bool, error: Option<String>) -> bool {
-        self.registry
-            .set_health(&self.device, online, error.clone());
         if self.reported == Some(online) {
+            self.registry.set_health(&self.device, online, error);
             return false;
         }
         let was = self.reported.replace(online);
         if online && was.is_none() {
+            self.registry.set_health(&self.device, online, error);
             return true; // first contact: nothing to announce
         }
         let kind = if online {
@@ -363,6 +363,8 @@ impl HealthReport {
                 tracing::warn!(device = %self.device, error = %e, "cannot record device health")
             }
         }
+        // After the event, so whoever sees the new health finds its event in the log.
+        self.registry.set_health(&self.device, online, error);
         online
     }
 }
