@@ -1075,7 +1075,7 @@ fn load_average() -> Option<f64> {
 }
 
 /// Why the relay paths' tails are longer than their medians.
-const POLL_NOTE: &str = "The gateway polls the board's inputs on the same link (poll_ms); a command that meets a poll waits for it: the p99 tail (BENCH_HW_POLL_MS=60000 to see without).";
+const POLL_NOTE: &str = "The gateway polls the board's inputs on the same link (poll_ms); a command that meets a poll waits up to one exchange for it, in the tail (BENCH_HW_POLL_MS=60000: without).";
 
 fn verdict(pass: bool) -> &'static str {
     if pass { "PASS" } else { "MISS" }

@@ -22,6 +22,8 @@ pub struct Config {
     pub devices: DevicesConfig,
     /// Gate access at the keypads: brute-force lockout, gate alarms.
     pub access: AccessConfig,
+    /// The link to the cloud platform: MQTT, the HTTPS event uplink, inbound webhooks.
+    pub cloud: CloudConfig,
     /// hw-sim's own section when the site file is shared with the simulator: ignored here.
     #[serde(skip_serializing)]
     pub sim: Option<toml_ignored::Ignored>,
@@ -569,6 +571,290 @@ impl Default for AccessConfig {
     }
 }
 
+/// `[cloud]`: how the site talks to the cloud platform (DESIGN.md §3).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CloudConfig {
+    /// The MQTT link (commands in, events and unit states out).
+    pub mqtt: Option<MqttConfig>,
+    /// The optional HTTPS event uplink, for clouds without MQTT.
+    pub https_uplink: Option<HttpsUplinkConfig>,
+    /// Inbound webhooks `POST /v1/webhooks/{source}`, one entry per source.
+    pub webhooks: Vec<WebhookSourceConfig>,
+    /// Disk the undelivered event backlog may use, in MiB, before `queue.full` is raised and
+    /// access events beyond the cap are compacted into counts (allocation events never are).
+    pub backlog_cap_mib: u64,
+}
+
+impl Default for CloudConfig {
+    fn default() -> Self {
+        CloudConfig {
+            mqtt: None,
+            https_uplink: None,
+            webhooks: Vec::new(),
+            backlog_cap_mib: 512,
+        }
+    }
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum MqttProtocol {
+    /// MQTT 5 (response topic + correlation data).
+    #[serde(rename = "v5")]
+    V5,
+    /// MQTT 3.1.1 (replies on the reply topic).
+    #[serde(rename = "v3.1.1")]
+    V311,
+}
+
+/// `[cloud.mqtt]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// `mqtt://host:port` or `mqtts://host:port` (TLS).
+    pub url: String,
+    /// `v5` (default) or `v3.1.1`.
+    #[serde(default = "default_mqtt_protocol")]
+    pub protocol: MqttProtocol,
+    /// Client id; empty = `unitgate-{site_id}`.
+    #[serde(default)]
+    pub client_id: String,
+    /// Username for the broker, if it wants one.
+    #[serde(default)]
+    pub username: String,
+    /// File holding the password (never in this file).
+    #[serde(default)]
+    pub password_file: PathBuf,
+    /// CA certificates (PEM) to trust for `mqtts://`; empty = the system's roots.
+    #[serde(default)]
+    pub ca_file: PathBuf,
+    /// Client certificate (PEM) for certificate auth.
+    #[serde(default)]
+    pub client_cert: PathBuf,
+    /// Its private key (PEM).
+    #[serde(default)]
+    pub client_key: PathBuf,
+    /// Keep-alive, seconds.
+    #[serde(default = "default_keep_alive_s")]
+    pub keep_alive_s: u64,
+    /// Session expiry (v5) in seconds: how long the broker keeps commands for us while away.
+    #[serde(default = "default_session_expiry_s")]
+    pub session_expiry_s: u32,
+    /// Events published and not yet acknowledged, at most.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// Longest wait between reconnect attempts, seconds.
+    #[serde(default = "default_reconnect_max_s")]
+    pub reconnect_max_s: u64,
+    /// Largest MQTT packet accepted or sent, bytes (snapshots arrive chunked below it).
+    #[serde(default = "default_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Message-level security for brokers we do not trust: every command carries a client
+    /// id, a monotonic nonce and an HMAC-SHA256 under that client's key (see `clients`).
+    #[serde(default)]
+    pub signed_commands: bool,
+    /// The cloud clients allowed to send commands, with their keys and operations.
+    #[serde(default)]
+    pub clients: Vec<MqttClientConfig>,
+}
+
+/// `[[cloud.mqtt.clients]]`: one cloud client of the command topics.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttClientConfig {
+    /// The client's id, as it signs its commands.
+    pub id: String,
+    /// File holding its HMAC key (at least 32 bytes of secret).
+    pub key_file: PathBuf,
+    /// Operations it may call (`reserve`, `snapshot`, ...); `["*"]` = all.
+    pub operations: Vec<String>,
+}
+
+/// `[cloud.https_uplink]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpsUplinkConfig {
+    /// Where event batches are POSTed.
+    pub url: String,
+    /// File holding the signing secret of `X-Unitgate-Signature`.
+    pub secret_file: PathBuf,
+    /// Events per batch, at most.
+    #[serde(default = "default_batch")]
+    pub batch: u32,
+    /// Request timeout, milliseconds.
+    #[serde(default = "default_uplink_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// `[[cloud.webhooks]]`: a source allowed to POST `/v1/webhooks/{name}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSourceConfig {
+    /// The `{source}` path segment.
+    pub name: String,
+    /// File holding the source's signing secret.
+    pub secret_file: PathBuf,
+    /// `payment.processed` lifts the contact's overlock (else it is only recorded).
+    #[serde(default)]
+    pub remove_overlock_on_payment: bool,
+}
+
+impl CloudConfig {
+    /// What is wrong with the backlog cap, the HTTPS uplink and the webhook sources:
+    /// (key, message) pairs.
+    pub fn uplink_problems(&self) -> Vec<(String, String)> {
+        let mut p = Vec::new();
+        if self.backlog_cap_mib == 0 {
+            p.push(("cloud.backlog_cap_mib".into(), "must be at least 1".into()));
+        }
+        if let Some(u) = &self.https_uplink {
+            if !(u.url.starts_with("https://") || u.url.starts_with("http://"))
+                || reqwest::Url::parse(&u.url).is_err()
+            {
+                p.push((
+                    "cloud.https_uplink.url".into(),
+                    format!("{:?} is not an http(s):// URL", u.url),
+                ));
+            }
+            if u.secret_file.as_os_str().is_empty() {
+                p.push((
+                    "cloud.https_uplink.secret_file".into(),
+                    "required (the file holding the signing secret)".into(),
+                ));
+            }
+            if !(1..=10_000).contains(&u.batch) {
+                p.push((
+                    "cloud.https_uplink.batch".into(),
+                    "must be 1 to 10000".into(),
+                ));
+            }
+            if !(100..=300_000).contains(&u.timeout_ms) {
+                p.push((
+                    "cloud.https_uplink.timeout_ms".into(),
+                    "must be 100 to 300000".into(),
+                ));
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for w in &self.webhooks {
+            let ok = !w.name.is_empty()
+                && w.name.len() <= 64
+                && w.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+            if !ok {
+                p.push((
+                    "cloud.webhooks.name".into(),
+                    format!(
+                        "{:?} must be 1 to 64 of [A-Za-z0-9-_.] (a URL path segment)",
+                        w.name
+                    ),
+                ));
+            }
+            if !seen.insert(w.name.as_str()) {
+                p.push((
+                    "cloud.webhooks.name".into(),
+                    format!("{:?} is configured twice", w.name),
+                ));
+            }
+            if w.secret_file.as_os_str().is_empty() {
+                p.push((
+                    format!("cloud.webhooks.{}.secret_file", w.name),
+                    "required (the file holding the source's signing secret)".into(),
+                ));
+            }
+        }
+        p
+    }
+}
+
+impl MqttConfig {
+    /// What is wrong with this section: (key, message) pairs.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        if let Err(e) = crate::cloud::mqtt::parse_url(&self.url) {
+            p.push(("cloud.mqtt.url", e.to_string()));
+        }
+        if self.inflight == 0 {
+            p.push(("cloud.mqtt.inflight", "must be at least 1".into()));
+        }
+        if self.max_packet_bytes < 4096 {
+            p.push((
+                "cloud.mqtt.max_packet_bytes",
+                "must be at least 4096".into(),
+            ));
+        }
+        if self.client_cert.as_os_str().is_empty() != self.client_key.as_os_str().is_empty() {
+            p.push((
+                "cloud.mqtt.client_key",
+                "client_cert and client_key go together".into(),
+            ));
+        }
+        if !self.password_file.as_os_str().is_empty() && self.username.is_empty() {
+            p.push((
+                "cloud.mqtt.username",
+                "password_file is set but username is empty".into(),
+            ));
+        }
+        if self.signed_commands && self.clients.is_empty() {
+            p.push((
+                "cloud.mqtt.clients",
+                "signed_commands = true needs at least one [[cloud.mqtt.clients]]".into(),
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.clients {
+            if c.id.is_empty() || !seen.insert(c.id.as_str()) {
+                p.push((
+                    "cloud.mqtt.clients.id",
+                    format!("{:?} is empty or used twice", c.id),
+                ));
+            }
+            if c.key_file.as_os_str().is_empty() {
+                p.push((
+                    "cloud.mqtt.clients.key_file",
+                    format!("client {:?}: required", c.id),
+                ));
+            }
+            for op in &c.operations {
+                if op != "*" && !crate::cloud::dispatch::OPERATIONS.contains(&op.as_str()) {
+                    p.push((
+                        "cloud.mqtt.clients.operations",
+                        format!("client {:?}: unknown operation {op:?}", c.id),
+                    ));
+                }
+            }
+        }
+        p
+    }
+}
+
+fn default_mqtt_protocol() -> MqttProtocol {
+    MqttProtocol::V5
+}
+fn default_keep_alive_s() -> u64 {
+    30
+}
+fn default_session_expiry_s() -> u32 {
+    7 * 24 * 3600
+}
+fn default_inflight() -> u16 {
+    100
+}
+fn default_reconnect_max_s() -> u64 {
+    30
+}
+fn default_max_packet_bytes() -> usize {
+    256 * 1024
+}
+fn default_batch() -> u32 {
+    500
+}
+fn default_uplink_timeout_ms() -> u64 {
+    10_000
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -805,6 +1091,14 @@ impl Config {
         for d in self.devices.problems() {
             bad(&d.key, d.message);
         }
+        if let Some(m) = &self.cloud.mqtt {
+            for (key, message) in m.problems() {
+                bad(key, message);
+            }
+        }
+        for (key, message) in self.cloud.uplink_problems() {
+            bad(&key, message);
+        }
         if !["auto", "human", "json"].contains(&self.log.format.as_str()) {
             bad(
                 "log.format",
@@ -883,6 +1177,48 @@ mod tests {
                 "api.tls_cert",
                 "api.tls_key",
                 "api.tokens[0].scopes"
+            ]
+        );
+    }
+
+    #[test]
+    fn uplink_and_webhook_problems_name_their_keys() {
+        let text = format!(
+            r#"{}
+            [cloud]
+            backlog_cap_mib = 0
+            [cloud.https_uplink]
+            url = "ftp://x"
+            secret_file = "/etc/unitgate/uplink.secret"
+            batch = 0
+            [[cloud.webhooks]]
+            name = "billing"
+            secret_file = "/a"
+            [[cloud.webhooks]]
+            name = "billing"
+            secret_file = ""
+            [[cloud.webhooks]]
+            name = "bad/name"
+            secret_file = "/b"
+            "#,
+            minimal()
+        );
+        let keys: Vec<String> = Config::from_toml(&text)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .into_iter()
+            .map(|p| p.key)
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "cloud.backlog_cap_mib",
+                "cloud.https_uplink.url",
+                "cloud.https_uplink.batch",
+                "cloud.webhooks.name",
+                "cloud.webhooks.billing.secret_file",
+                "cloud.webhooks.name",
             ]
         );
     }

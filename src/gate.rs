@@ -27,6 +27,7 @@ use crate::domain::hours::AccessHours;
 use crate::domain::pin::{self, PinKey};
 use crate::domain::status::UnitStatus;
 use crate::store::{StoreError, events, people};
+use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::json;
@@ -83,6 +84,8 @@ pub struct GateController {
     open_gates: HashMap<String, (Instant, bool)>,
     /// Unit door inputs with an alarm raised and not yet closed.
     alarmed: BTreeSet<(String, u16)>,
+    /// Events on their way to the log, in decision order (see [`record_events`]).
+    events: mpsc::Sender<(EventType, serde_json::Value, DateTime<Utc>)>,
 }
 
 impl GateController {
@@ -95,6 +98,7 @@ impl GateController {
         keypads: HashMap<String, Keypad>,
         boards: BTreeMap<String, RelayBoard>,
     ) -> GateController {
+        let executor_for_events = executor.clone();
         let gates = cfg
             .devices
             .keypads
@@ -121,6 +125,11 @@ impl GateController {
             keypads,
             boards,
             open_gates: HashMap::new(),
+            events: {
+                let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+                tokio::spawn(record_events(executor_for_events, rx));
+                tx
+            },
             alarmed: BTreeSet::new(),
         }
     }
@@ -415,19 +424,41 @@ impl GateController {
             .map(|(k, _)| k.clone())
     }
 
-    /// Appends an event without holding up the next decision.
+    /// Queues an event for the log without holding up the next decision.
     fn record(&self, kind: EventType, data: serde_json::Value) {
-        let executor = self.executor.clone();
-        let now = executor.now();
-        tokio::spawn(async move {
-            if let Err(e) = executor
-                .store()
-                .write(move |c| events::append(c, kind, &data, now))
-                .await
-            {
-                tracing::error!(event = kind.as_str(), error = %e, "cannot record an event");
-            }
-        });
+        let now = self.executor.now();
+        if let Err(e) = self.events.try_send((kind, data, now)) {
+            // Only when the store has been stuck for thousands of decisions.
+            tracing::error!(event = kind.as_str(), error = %e, "event dropped: the log is not keeping up");
+        }
+    }
+}
+
+/// Most events waiting for the log.
+const EVENT_QUEUE: usize = 4096;
+
+/// Writes the controller's events in the order they were decided, as many per commit as
+/// are waiting.
+async fn record_events(
+    executor: Executor,
+    mut rx: mpsc::Receiver<(EventType, serde_json::Value, DateTime<Utc>)>,
+) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, 256).await > 0 {
+        let taken = std::mem::take(&mut batch);
+        let n = taken.len();
+        let r = executor
+            .store()
+            .write(move |c| -> Result<(), StoreError> {
+                for (kind, data, at) in &taken {
+                    events::append(c, *kind, data, *at)?;
+                }
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(events = n, error = %e, "cannot record gate events");
+        }
     }
 }
 
@@ -438,14 +469,14 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// The contact holding `pin_hash`, its hours and its allocated units.
+/// The contact holding `pin_hash`, its hours and its allocated units (with their gatelocks).
 fn holder(c: &Connection, pin_hash: &[u8]) -> Result<Option<Holder>, StoreError> {
     let Some(contact_id) = people::pin_owner(c, pin_hash)? else {
         return Ok(None);
     };
     let hours = people::contact(c, &contact_id)?.and_then(|r| r.access_hours);
     let mut stmt = c.prepare_cached(
-        "SELECT u.id, u.status, u.zones FROM unit_allocations a
+        "SELECT u.id, u.status, u.zones, u.gatelock FROM unit_allocations a
          JOIN tenancies t ON t.id = a.tenancy_id
          JOIN units u ON u.id = a.unit_id
          WHERE t.contact_id = ?1 AND a.ended_at IS NULL
@@ -457,15 +488,17 @@ fn holder(c: &Connection, pin_hash: &[u8]) -> Result<Option<Holder>, StoreError>
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
             ))
         })?
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
-        .filter_map(|(unit_id, status, zones)| {
+        .filter_map(|(unit_id, status, zones, gatelock)| {
             Some(UnitAccess {
                 unit_id,
                 status: UnitStatus::from_str(&status).ok()?,
                 zones: serde_json::from_str(&zones).ok()?,
+                gatelock,
             })
         })
         .collect();

@@ -48,6 +48,9 @@ pub enum GatewayError {
     /// The relay boards or the lock API cannot be set up from the config.
     #[error("devices: {0}")]
     Devices(String),
+    /// A cloud link (uplink, webhooks, MQTT) cannot be set up from the config.
+    #[error("cloud: {0}")]
+    Cloud(String),
 }
 
 /// A running gateway.
@@ -60,6 +63,8 @@ pub struct Gateway {
     pub devices: DeviceRegistry,
     /// The automation scheduler (kick it after the clock was set).
     pub automation: AutomationHandle,
+    /// The cloud links' state (`GET /v1/status`).
+    pub links: crate::cloud::Links,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
     hardware_stop: watch::Sender<bool>,
@@ -308,10 +313,29 @@ impl Gateway {
         .with_commit_notify(committed.clone());
         let (scheduler, automation) = Scheduler::new(executor.clone(), committed.clone());
         let (hardware_stop, hw_shutdown) = watch::channel(false);
-        let (devices, hardware) =
-            start_hardware(cfg, &executor, pin_key_for_gates, committed, hw_shutdown)?;
+        let (devices, hardware) = start_hardware(
+            cfg,
+            &executor,
+            pin_key_for_gates,
+            committed.clone(),
+            hw_shutdown,
+        )?;
         let mut hardware = hardware;
         hardware.push(tokio::spawn(scheduler.run(hardware_stop.subscribe())));
+        let links = crate::cloud::Links::default();
+        let cloud_err = |e: &dyn std::fmt::Display| GatewayError::Cloud(e.to_string());
+        let webhooks = crate::cloud::webhooks::Webhooks::load(&cfg.cloud.webhooks)
+            .map_err(|e| cloud_err(&e))?;
+        if let Some(up) = &cfg.cloud.https_uplink {
+            let uplink = crate::cloud::https::HttpsUplink::new(
+                up,
+                executor.clone(),
+                links.clone(),
+                committed.clone(),
+            )
+            .map_err(|e| cloud_err(&e))?;
+            hardware.push(tokio::spawn(uplink.run(hardware_stop.subscribe())));
+        }
         let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
             .await
             .map_err(|source| GatewayError::Listen {
@@ -328,12 +352,49 @@ impl Gateway {
             max_body_bytes: cfg.api.max_body_bytes,
             max_snapshot_bytes: cfg.api.max_snapshot_bytes,
         };
-        let router = http::router_with_devices(
+        let router = http::router_with_cloud(
             executor.clone(),
             Tokens::from_config(&cfg.api.tokens),
             limits,
             devices.clone(),
+            http::Cloud {
+                links: links.clone(),
+                webhooks,
+            },
         );
+        if let Some(m) = &cfg.cloud.mqtt {
+            let clients = if m.signed_commands {
+                let c = crate::cloud::signing::CloudClients::load(&m.clients)
+                    .map_err(|e| cloud_err(&e))?;
+                Some(Arc::new(c))
+            } else {
+                None
+            };
+            let dispatcher = crate::cloud::dispatch::Dispatcher::new(
+                router.clone(),
+                &cfg.site.id,
+                executor.store().clone(),
+                clients,
+                m.max_packet_bytes,
+            );
+            let link = crate::cloud::mqtt::MqttLink::new(
+                m,
+                executor.clone(),
+                dispatcher,
+                links.clone(),
+                committed.clone(),
+            )
+            .map_err(|e| cloud_err(&e))?;
+            hardware.push(tokio::spawn(link.run(hardware_stop.subscribe())));
+        }
+        hardware.push(tokio::spawn(
+            crate::cloud::backlog::BacklogGuard::new(
+                executor.clone(),
+                links.clone(),
+                cfg.cloud.backlog_cap_mib,
+            )
+            .run(hardware_stop.subscribe()),
+        ));
         let (stop, stopped) = oneshot::channel::<()>();
         let tls_on = tls.is_some();
         let shutdown = async {
@@ -359,6 +420,7 @@ impl Gateway {
             executor,
             devices,
             automation,
+            links,
             stop: Some(stop),
             server,
             hardware_stop,

@@ -21,6 +21,7 @@
 
 pub mod api;
 pub mod automation;
+pub mod cloud;
 pub mod command;
 pub mod config;
 pub mod demo;

@@ -44,6 +44,9 @@ enum Cmd {
         /// Control API of the simulated hardware (hw-sim).
         #[arg(long, default_value = "127.0.0.1:9900")]
         sim_listen: String,
+        /// The embedded MQTT broker (MQTT 3.1.1) the gateway's MQTT link talks to.
+        #[arg(long, default_value = "127.0.0.1:1883")]
+        mqtt_listen: String,
     },
     /// Check a configuration file; prints every problem with its key and exits 1 if any.
     CheckConfig {
@@ -152,6 +155,7 @@ async fn main() -> Result<()> {
             token,
             data_dir,
             sim_listen,
+            mqtt_listen,
         } => {
             let mut cfg = Config::from_toml(unitgate::demo::DEMO_CONFIG)?;
             init_logging(&cfg.log.level, &cfg.log.format);
@@ -181,6 +185,20 @@ async fn main() -> Result<()> {
                 let _ = sim_listen;
                 cfg.devices = unitgate::demo::declared_devices()?;
             }
+            #[cfg(feature = "demo-broker")]
+            let mqtt = {
+                let addr = tokio::task::spawn_blocking(move || {
+                    unitgate::cloud::broker::start(&mqtt_listen)
+                })
+                .await??;
+                cfg.cloud.mqtt = Some(serde_json::from_value(serde_json::json!({
+                    "url": format!("mqtt://{addr}"),
+                    "protocol": "v3.1.1",
+                }))?);
+                addr
+            };
+            #[cfg(not(feature = "demo-broker"))]
+            let _ = mqtt_listen;
             if let Err(problems) = cfg.validate() {
                 for p in problems {
                     eprintln!("{p}");
@@ -209,6 +227,17 @@ async fn main() -> Result<()> {
             println!(
                 "  curl -s -H \"Authorization: Bearer $TOKEN\" $UNITGATE_URL/v1/units?limit=5"
             );
+            #[cfg(feature = "demo-broker")]
+            {
+                let site = &cfg.site.id;
+                let (h, p) = (mqtt.ip(), mqtt.port());
+                println!();
+                println!("  MQTT broker: mqtt://{mqtt}   (events, unit states, replies:)");
+                println!("  mosquitto_sub -h {h} -p {p} -t 'unitgate/v1/{site}/#' -v");
+                println!(
+                    "  mosquitto_pub -h {h} -p {p} -t 'unitgate/v1/{site}/cmd/get_unit' -m '{{\"request_id\":\"r1\",\"unit_id\":\"u-A01\"}}'"
+                );
+            }
             println!();
             println!("Ctrl-C to stop.");
             let result = run_until_signal(gw).await;

@@ -58,6 +58,9 @@ pub struct UnitView {
     pub rentable: bool,
     /// Allocation status.
     pub status: UnitStatus,
+    /// Gatelock: the tenant's PIN does not open the gate for this unit (the unit's lock and
+    /// overlock are unaffected).
+    pub gatelock: bool,
     /// Contact id of the active allocation's tenancy.
     pub current_tenant_id: Option<String>,
     /// Tenancy id of the active allocation.

@@ -446,3 +446,75 @@ async fn doors_opening_on_units_that_are_not_occupied_and_a_gate_held_open_raise
     assert_eq!(alarms().await.len(), n);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_gatelocked_unit_keeps_the_gate_shut_but_not_the_unit() {
+    // Two wrong codes would lock the keypad: a gatelocked tenant's code is not a wrong one.
+    let s = site(|cfg| cfg.access.lockout_attempts = 2).await;
+    const OVERLOCK_COIL: u16 = 6;
+    s.bind(
+        "u1",
+        json!({"kind": "relay", "board": DOORS, "coil": OVERLOCK_COIL}),
+    )
+    .await;
+    let coil = || async { s.coils(DOORS).await[usize::from(OVERLOCK_COIL)] };
+    until("u1's overlock released", WITHIN, || async {
+        !coil().await && s.device(DOORS).await["queue_depth"] == 0
+    })
+    .await;
+    let mut seen = s.sim.registry.bus.subscribe();
+    let mut seq = s.t.last_seq().await;
+
+    let a =
+        s.t.patch("/v1/units/u1", json!({"unit": {"gatelock": true}}))
+            .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["unit"]["gatelock"], true);
+    assert_eq!(a.body["unit"]["status"], "occupied");
+    assert_eq!(s.device(DOORS).await["queue_depth"], 0, "nothing queued");
+    for _ in 0..2 {
+        let (e, k) = enter(&s, &mut seq, MAIN, "2222#").await;
+        assert_denied(&e, "gatelocked");
+        assert_eq!(e["data"]["contact_id"], "c2", "{e}");
+        assert_eq!(e["data"]["units"], json!(["u1"]), "{e}");
+        assert!(e["data"].get("lockout_s").is_none(), "{e}");
+        assert_eq!(k["text"], "Please see office");
+        assert_eq!(k["led"], "red");
+    }
+    assert!(!coil().await, "the overlock stays off");
+    assert_eq!(s.coils(GATES).await, [false, false], "no gate moved");
+
+    // Another occupied unit behind the gate opens it, for that unit only.
+    s.ok(
+        "/v1/units/u5/grant_access",
+        json!({"tenancy_id": "t-started"}),
+    )
+    .await;
+    let (e, _) = enter(&s, &mut seq, MAIN, "2222#").await;
+    assert_eq!(e["type"], "access.granted", "{e}");
+    assert_eq!(e["data"]["units"], json!(["u5"]), "{e}");
+
+    // Gatelock lifted: u1 counts again (and the keypad was never locked out).
+    let a =
+        s.t.patch("/v1/units/u1", json!({"unit": {"gatelock": false}}))
+            .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(s.device(DOORS).await["queue_depth"], 0, "nothing queued");
+    let (e, k) = enter(&s, &mut seq, MAIN, "2222#").await;
+    assert_eq!(e["type"], "access.granted", "{e}");
+    assert_eq!(e["data"]["units"], json!(["u1", "u5"]), "{e}");
+    assert_eq!(k["text"], "Welcome");
+
+    // The board's queue is ordered: once an overlock lands, anything the gatelock changes
+    // had queued would have landed before it. The overlock is the only coil change.
+    s.ok("/v1/contacts/c2/overlock", json!({})).await;
+    until("u1 overlocked", WITHIN, || async { coil().await }).await;
+    let mut changes = Vec::new();
+    while let Ok(o) = seen.try_recv() {
+        if o.device == DOORS && o.kind == "coil_changed" {
+            changes.push((o.data["coil"].as_u64(), o.data["on"].as_bool()));
+        }
+    }
+    assert_eq!(changes, [(Some(u64::from(OVERLOCK_COIL)), Some(true))]);
+    s.stop().await;
+}

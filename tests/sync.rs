@@ -911,3 +911,86 @@ async fn snapshot_bindings_must_name_declared_devices_and_not_be_shared() {
     );
     t.stop().await;
 }
+
+#[tokio::test]
+async fn snapshot_sets_gatelock_and_reapplying_it_changes_nothing() {
+    let t = TestGateway::start().await;
+    assert_eq!(put_snapshot(&t, &base()).await.status, 200);
+    let before = all_units(&t).await;
+    assert!(
+        before.values().all(|u| u["gatelock"] == false),
+        "{before:?}"
+    );
+    let seq = t.last_seq().await;
+
+    // s1 (occupied) gatelocked; s7 arrives gatelocked.
+    let mut s = base();
+    s["units"][0]["gatelock"] = json!(true);
+    let mut s7 = unit("s7", "S7", "available");
+    s7["gatelock"] = json!(true);
+    s["units"].as_array_mut().unwrap().push(s7);
+    let a = put_snapshot(&t, &s).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["snapshot"]["units"], counts(1, 1, 0, 5));
+    assert_eq!(a.body["snapshot"]["events"], 2);
+    let evs = t.events_after(seq).await;
+    assert_gapless(seq, &evs);
+    assert_eq!(
+        event_keys(&evs),
+        [
+            ("unit.created".to_owned(), "s7".to_owned()),
+            ("unit.updated".to_owned(), "s1".to_owned()),
+        ]
+    );
+    let s1 = evs.iter().find(|e| e["data"]["unit_id"] == "s1").unwrap();
+    assert_eq!(s1["data"]["changed"], json!(["gatelock"]));
+    assert_eq!(s1["data"]["version"], 2);
+    let after = all_units(&t).await;
+    assert_eq!(after["s1"]["gatelock"], true);
+    assert_eq!(
+        after["s1"]["status"], "occupied",
+        "the status is not touched"
+    );
+    assert_eq!(after["s1"]["version"], 2);
+    assert_eq!(after["s7"]["gatelock"], true);
+    for id in ["s2", "s3", "s4", "s5", "s6"] {
+        assert_eq!(after[id], before[id], "{id} untouched");
+    }
+
+    // The same snapshot again: nothing to do.
+    let replica_before = replica(&t).await;
+    let seq = t.last_seq().await;
+    let a = put_snapshot(&t, &s).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["snapshot"]["units"], counts(0, 0, 0, 7));
+    assert_eq!(a.body["snapshot"]["events"], 0);
+    assert_eq!(t.events_after(seq).await, Vec::<Value>::new());
+    assert_eq!(replica(&t).await, replica_before);
+
+    // Not a boolean: refused, nothing changed.
+    let mut bad = s.clone();
+    bad["units"][0]["gatelock"] = json!("yes");
+    let a = put_snapshot(&t, &bad).await;
+    assert_eq!(a.status, 422, "{:?}", a.body);
+    assert!(
+        detail_fields(&a).iter().any(|f| f.ends_with("gatelock")),
+        "{:?}",
+        a.body
+    );
+    assert_eq!(replica(&t).await, replica_before);
+
+    // The snapshot is the whole replica: a unit listed without gatelock has none.
+    s["units"][0]
+        .as_object_mut()
+        .unwrap()
+        .remove("gatelock")
+        .expect("was set");
+    let a = put_snapshot(&t, &s).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["snapshot"]["units"], counts(0, 1, 0, 6));
+    let units = all_units(&t).await;
+    assert_eq!(units["s1"]["gatelock"], false);
+    assert_eq!(units["s1"]["version"], 3);
+    assert_eq!(units["s7"]["gatelock"], true);
+    t.stop().await;
+}

@@ -1528,3 +1528,237 @@ async fn a_lock_or_door_sensor_belongs_to_one_unit() {
     assert_eq!(a.status, 200, "{:?}", a.body);
     t.stop().await;
 }
+
+// ---- gatelock ---------------------------------------------------------------------------
+
+/// `(type, unit_id, changed, version)` of each event after `seq`.
+async fn updates_after(t: &TestGateway, seq: i64) -> Vec<(String, String, Value, Value)> {
+    t.events_after(seq)
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap_or_default().to_owned(),
+                e["data"]["unit_id"].as_str().unwrap_or_default().to_owned(),
+                e["data"]["changed"].clone(),
+                e["data"]["version"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn gatelock_is_set_and_cleared_like_any_unit_field() {
+    let t = TestGateway::start().await;
+    t.seed(2).await;
+    let before = unit(&t, "u1").await;
+    assert_eq!(before["gatelock"], false, "off by default: {before}");
+
+    // PATCH sets it: a unit update of its own, nothing else moves.
+    let seq = t.last_seq().await;
+    let a = t
+        .patch("/v1/units/u1", json!({"unit": {"gatelock": true}}))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let after = unit(&t, "u1").await;
+    assert_eq!(a.body["unit"], after, "the answer is the stored unit");
+    assert_eq!(after["gatelock"], true);
+    assert_eq!(after["version"], 2);
+    for (k, v) in before.as_object().unwrap() {
+        if !["gatelock", "version", "updated_at"].contains(&k.as_str()) {
+            assert_eq!(&after[k], v, "{k} changed");
+        }
+    }
+    assert_eq!(
+        updates_after(&t, seq).await,
+        [(
+            "unit.updated".into(),
+            "u1".into(),
+            json!(["gatelock"]),
+            json!(2)
+        )]
+    );
+    assert_eq!(unit(&t, "u2").await["gatelock"], false);
+
+    // Omitted or null: unchanged; the same value again: no update at all.
+    let seq = t.last_seq().await;
+    for body in [
+        json!({"unit": {"gatelock": true}}),
+        json!({"unit": {"gatelock": null}}),
+        json!({"unit": {}}),
+    ] {
+        let a = t.patch("/v1/units/u1", body.clone()).await;
+        assert_eq!(a.status, 200, "{body}: {:?}", a.body);
+        assert_eq!(a.body["unit"], after, "{body}");
+    }
+    let a = t.patch("/v1/units/u1", json!({"unit": {"width": 6}})).await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(
+        a.body["unit"]["gatelock"], true,
+        "kept through other changes"
+    );
+    assert_eq!(a.body["unit"]["version"], 3);
+    assert_eq!(
+        updates_after(&t, seq).await,
+        [(
+            "unit.updated".into(),
+            "u1".into(),
+            json!(["attributes"]),
+            json!(3)
+        )]
+    );
+
+    // PUT clears it.
+    let a = t
+        .put("/v1/units/u1", json!({"unit": {"gatelock": false}}))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(unit(&t, "u1").await["gatelock"], false);
+    assert_eq!(unit(&t, "u1").await["version"], 4);
+
+    // bulk_update: set on one, leave the other as it is.
+    let seq = t.last_seq().await;
+    let a = t
+        .put(
+            "/v1/units/bulk_update",
+            json!({"units": [{"id": "u1", "gatelock": true}, {"id": "u2", "width": 7}]}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(a.body["units"][0]["gatelock"], true);
+    assert_eq!(a.body["units"][1]["gatelock"], false);
+    assert_eq!(unit(&t, "u1").await["gatelock"], true);
+    assert_eq!(unit(&t, "u2").await["gatelock"], false);
+    assert_eq!(
+        updates_after(&t, seq).await,
+        [
+            (
+                "unit.updated".into(),
+                "u1".into(),
+                json!(["gatelock"]),
+                json!(5)
+            ),
+            (
+                "unit.updated".into(),
+                "u2".into(),
+                json!(["attributes"]),
+                json!(2)
+            ),
+        ]
+    );
+    // ...and clears it.
+    let a = t
+        .put(
+            "/v1/units/bulk_update",
+            json!({"units": [{"id": "u1", "gatelock": false}]}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    assert_eq!(unit(&t, "u1").await["gatelock"], false);
+
+    // Create: given, or off by default; every comma-separated unit gets it.
+    let mut body = new_unit("G1,G2");
+    body["gatelock"] = json!(true);
+    let a = t.post("/v1/units", json!({ "unit": body })).await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    for u in a.body["units"].as_array().unwrap() {
+        assert_eq!(u["gatelock"], true, "{u}");
+        assert_eq!(&unit(&t, u["id"].as_str().unwrap()).await, u);
+    }
+    let mut g4 = new_unit("G4");
+    g4["id"] = json!("g-4");
+    g4["gatelock"] = json!(true);
+    let a = t
+        .post(
+            "/v1/units/bulk_create",
+            json!({"units": [new_unit("G3"), g4]}),
+        )
+        .await;
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    assert_eq!(a.body["units"][0]["gatelock"], false);
+    assert_eq!(a.body["units"][1]["gatelock"], true);
+    assert_eq!(unit(&t, "g-4").await["gatelock"], true);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn gatelock_must_be_a_boolean() {
+    let t = TestGateway::start().await;
+    t.seed(2).await;
+    let a = t
+        .patch("/v1/units/u2", json!({"unit": {"gatelock": true}}))
+        .await;
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let before = t.get("/v1/units").await.body;
+    let seq = t.last_seq().await;
+
+    for bad in [json!("yes"), json!(1), json!([true])] {
+        let a = t
+            .patch("/v1/units/u1", json!({"unit": {"gatelock": bad}}))
+            .await;
+        assert_eq!(
+            (a.status, a.code()),
+            (422, "validation_error"),
+            "{bad}: {:?}",
+            a.body
+        );
+        assert_eq!(
+            detail_fields(&a),
+            BTreeSet::from(["unit.gatelock".to_owned()]),
+            "{bad}"
+        );
+        // Clearing u2's with a bad value leaves it set.
+        let a = t
+            .put("/v1/units/u2", json!({"unit": {"gatelock": bad}}))
+            .await;
+        assert_eq!(a.status, 422, "{bad}: {:?}", a.body);
+    }
+    let mut body = new_unit("G1");
+    body["gatelock"] = json!("yes");
+    let a = t.post("/v1/units", json!({ "unit": body.clone() })).await;
+    assert_eq!(a.status, 422, "{:?}", a.body);
+    assert!(detail_fields(&a).contains("unit.gatelock"), "{:?}", a.body);
+    let a = t
+        .post("/v1/units/bulk_create", json!({"units": [body]}))
+        .await;
+    assert_eq!(a.status, 400, "{:?}", a.body);
+    assert_eq!(a.body["error"]["error_hash"]["gatelock"][0]["name"], "G1");
+    let a = t
+        .put(
+            "/v1/units/bulk_update",
+            json!({"units": [{"id": "u1", "gatelock": true}, {"id": "u2", "gatelock": "yes"}]}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{:?}", a.body);
+    assert_eq!(
+        a.body["error"]["error_hash"]["gatelock"][0]["id"], "u2",
+        "{:?}",
+        a.body
+    );
+
+    // Nothing changed: u1 still open, u2 still gatelocked, no event.
+    assert_eq!(t.get("/v1/units").await.body, before);
+    assert_eq!(unit(&t, "u1").await["gatelock"], false);
+    assert_eq!(unit(&t, "u2").await["gatelock"], true);
+    assert_eq!(t.events_after(seq).await, Vec::<Value>::new());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn gatelock_is_in_the_openapi_document() {
+    let t = TestGateway::start().await;
+    let a = t.get("/openapi.json").await;
+    assert_eq!(a.status, 200);
+    let schemas = &a.body["components"]["schemas"];
+    for schema in ["UnitView", "UnitInput", "UnitPatch"] {
+        let p = &schemas[schema]["properties"]["gatelock"];
+        assert!(p.to_string().contains("boolean"), "{schema}: {p}");
+        assert!(
+            p["description"].as_str().is_some_and(|d| !d.is_empty()),
+            "{schema}: {p}"
+        );
+    }
+    let required = schemas["UnitView"]["required"].as_array().unwrap();
+    assert!(required.contains(&json!("gatelock")), "always in unit JSON");
+    t.stop().await;
+}

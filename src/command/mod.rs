@@ -57,6 +57,8 @@ pub enum Command {
     AutoDeallocate(automation::Due),
     /// A `payment.failed` event: auto overlock when the site has it on.
     PaymentFailed(automation::PaymentFailed),
+    /// A verified inbound webhook event (its id taken in the same transaction).
+    Webhook(crate::cloud::webhooks::Inbound),
 }
 
 impl Command {
@@ -80,6 +82,7 @@ impl Command {
             Command::AutoMoveIn(_) => "auto_move_in",
             Command::AutoDeallocate(_) => "auto_deallocate",
             Command::PaymentFailed(_) => "payment_failed",
+            Command::Webhook(_) => "webhook",
         }
     }
 
@@ -102,6 +105,7 @@ impl Command {
             Command::AutoMoveIn(c) => c.move_in(conn, ctx),
             Command::AutoDeallocate(c) => c.deallocate(conn, ctx),
             Command::PaymentFailed(c) => c.apply(conn, ctx),
+            Command::Webhook(c) => c.apply(conn, ctx),
         }
     }
 }

@@ -313,6 +313,7 @@ impl Snapshot {
                         name,
                         unit_type_id: n.unit_type_id,
                         status: n.status,
+                        gatelock: n.gatelock,
                         attrs: n.attrs,
                         bindings: n.bindings,
                         version: 1,

@@ -366,6 +366,7 @@ fn plan_creates(
                 name: name.clone(),
                 unit_type_id: new.unit_type_id.clone(),
                 status: new.status,
+                gatelock: new.gatelock,
                 attrs: new.attrs.clone(),
                 bindings: new.bindings.clone(),
                 version: 1,

@@ -2,8 +2,10 @@
 //! lockout ([`Lockout`]) and the decision from the replica's facts ([`decide`]).
 //!
 //! DESIGN.md §4: digits then `#`; `*` clears; 10 s between keys or the entry is dropped.
-//! A PIN is granted when its contact has at least one `occupied` unit whose zones include
-//! the keypad's zone and now (site local) is within the site's and the contact's hours.
+//! A PIN is granted when its contact has at least one `occupied`, not gatelocked unit whose
+//! zones include the keypad's zone and now (site local) is within the site's and the
+//! contact's hours. A gatelock (a per-unit flag from the cloud) closes the gate only: the
+//! tenant is sent to the office, as when overlocked, and the unit's lock is not touched.
 //! Refusals never tell a stranger anything about other tenants: a code that matches
 //! nobody and a code whose tenant has nothing behind this gate both read "Invalid code".
 
@@ -180,6 +182,8 @@ pub struct UnitAccess {
     pub status: UnitStatus,
     /// The gates its tenant may pass.
     pub zones: Vec<String>,
+    /// Gatelocked: this unit does not open the gate.
+    pub gatelock: bool,
 }
 
 /// The contact a PIN belongs to, with what the decision reads.
@@ -201,6 +205,8 @@ pub enum DenyReason {
     InvalidCode,
     /// The contact has no occupied unit behind this gate.
     NoAccess,
+    /// The contact's occupied units behind this gate are all gatelocked.
+    Gatelocked,
     /// The contact's units behind this gate are overlocked.
     Overlocked,
     /// The contact's units behind this gate are repossessed.
@@ -212,7 +218,8 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
-    /// Whether it counts towards the lockout: codes that open nothing here.
+    /// Whether it counts towards the lockout: codes that open nothing here. (A gatelocked
+    /// tenant's code is a valid one.)
     pub fn is_wrong_code(self) -> bool {
         matches!(self, DenyReason::InvalidCode | DenyReason::NoAccess)
     }
@@ -225,7 +232,7 @@ pub enum Decision {
     Granted {
         /// The contact.
         contact_id: String,
-        /// The occupied units behind this gate.
+        /// The occupied, not gatelocked units behind this gate.
         units: Vec<String>,
     },
     /// Keep it shut.
@@ -245,7 +252,7 @@ pub enum Decision {
 pub const WELCOME: &str = "Welcome";
 /// The keypad text of a wrong or useless code.
 pub const INVALID_CODE: &str = "Invalid code";
-/// The keypad text of an overlocked or repossessed tenant.
+/// The keypad text of an overlocked, gatelocked or repossessed tenant.
 pub const SEE_OFFICE: &str = "Please see office";
 /// The keypad text while locked out.
 pub const LOCKED_OUT: &str = "Locked - try later";
@@ -271,13 +278,13 @@ pub fn decide(
         .iter()
         .filter(|u| u.zones.iter().any(|z| z == zone))
         .collect();
-    let ids = |pred: fn(UnitStatus) -> bool| -> Vec<String> {
+    let ids = |pred: fn(&UnitAccess) -> bool| -> Vec<String> {
         here.iter()
-            .filter(|u| pred(u.status))
+            .filter(|u| pred(u))
             .map(|u| u.unit_id.clone())
             .collect()
     };
-    let occupied = ids(|s| s == UnitStatus::Occupied);
+    let occupied = ids(|u| u.status == UnitStatus::Occupied && !u.gatelock);
     let contact = Some(h.contact_id.clone());
     if !occupied.is_empty() {
         let site_ok = site_hours.allows(local);
@@ -300,7 +307,17 @@ pub fn decide(
             hours_text(hours, local),
         );
     }
-    let overlocked = ids(|s| s == UnitStatus::Overlocked);
+    // Gatelocked before hours: the office, not the clock, is what stands in the way.
+    let gatelocked = ids(|u| u.status == UnitStatus::Occupied && u.gatelock);
+    if !gatelocked.is_empty() {
+        return denied(
+            DenyReason::Gatelocked,
+            contact,
+            gatelocked,
+            SEE_OFFICE.into(),
+        );
+    }
+    let overlocked = ids(|u| u.status == UnitStatus::Overlocked);
     if !overlocked.is_empty() {
         return denied(
             DenyReason::Overlocked,
@@ -309,7 +326,7 @@ pub fn decide(
             SEE_OFFICE.into(),
         );
     }
-    let repossessed = ids(|s| s == UnitStatus::Repossessed);
+    let repossessed = ids(|u| u.status == UnitStatus::Repossessed);
     if !repossessed.is_empty() {
         return denied(
             DenyReason::Repossessed,
@@ -375,6 +392,7 @@ mod tests {
                     unit_id: (*id).into(),
                     status: *status,
                     zones: zones.iter().map(|z| (*z).to_owned()).collect(),
+                    gatelock: false,
                 })
                 .collect(),
         }
@@ -514,6 +532,112 @@ mod tests {
             panic!()
         };
         assert_eq!(a, b);
+    }
+
+    /// `holder(units)` with the units named in `locked` gatelocked.
+    fn gatelocked(units: &[(&str, UnitStatus, &[&str])], locked: &[&str]) -> Holder {
+        let mut h = holder(units);
+        for u in &mut h.units {
+            u.gatelock = locked.contains(&u.unit_id.as_str());
+        }
+        h
+    }
+
+    #[test]
+    fn a_gatelocked_unit_does_not_open_the_gate() {
+        let site = AccessHours::always();
+        let now = at("2026-03-10 12:00");
+        let h = gatelocked(&[("u1", UnitStatus::Occupied, &["main"])], &["u1"]);
+        assert_eq!(
+            decide("main", Some(&h), &site, now),
+            Decision::Denied {
+                reason: DenyReason::Gatelocked,
+                contact_id: Some("c1".into()),
+                units: vec!["u1".into()],
+                text: SEE_OFFICE.into(),
+            }
+        );
+        // A valid code: it does not count towards the keypad's lockout.
+        assert!(!DenyReason::Gatelocked.is_wrong_code());
+        // Outside hours too, the office is where to go.
+        let closed = hours("tuesday", "06:00-07:00");
+        let d = decide("main", Some(&h), &closed, now);
+        assert_eq!(reason(&d), Some(DenyReason::Gatelocked));
+
+        // Another occupied unit behind this gate still opens it, and only it is listed.
+        let units: &[(&str, UnitStatus, &[&str])] = &[
+            ("u1", UnitStatus::Occupied, &["main"]),
+            ("u2", UnitStatus::Occupied, &["main", "east"]),
+            ("u3", UnitStatus::Occupied, &["main"]),
+        ];
+        assert_eq!(
+            decide("main", Some(&gatelocked(units, &["u1", "u3"])), &site, now),
+            Decision::Granted {
+                contact_id: "c1".into(),
+                units: vec!["u2".into()]
+            }
+        );
+        // ...but that unit's outside hours is outside hours.
+        let d = decide(
+            "main",
+            Some(&gatelocked(units, &["u1", "u3"])),
+            &closed,
+            now,
+        );
+        assert_eq!(reason(&d), Some(DenyReason::OutsideHours));
+        type Units<'a> = &'a [(&'a str, UnitStatus, &'a [&'a str])];
+        let cases: &[(Units, &[&str], Option<DenyReason>)] = &[
+            // A gatelock on a unit behind another gate does not matter here...
+            (
+                &[
+                    ("u1", UnitStatus::Occupied, &["main"]),
+                    ("u2", UnitStatus::Occupied, &["east"]),
+                ],
+                &["u2"],
+                None,
+            ),
+            // ...nor does a free unit behind another gate open this one.
+            (
+                &[
+                    ("u1", UnitStatus::Occupied, &["east"]),
+                    ("u2", UnitStatus::Occupied, &["main"]),
+                ],
+                &["u2"],
+                Some(DenyReason::Gatelocked),
+            ),
+            // The contact's occupied unit is gatelocked, another overlocked: see the office
+            // for the gatelock first (the occupied unit is the one they came for).
+            (
+                &[
+                    ("u1", UnitStatus::Occupied, &["main"]),
+                    ("u2", UnitStatus::Overlocked, &["main"]),
+                ],
+                &["u1"],
+                Some(DenyReason::Gatelocked),
+            ),
+            // Gatelock on a unit that gives no access anyway changes nothing.
+            (
+                &[("u1", UnitStatus::Overlocked, &["main"])],
+                &["u1"],
+                Some(DenyReason::Overlocked),
+            ),
+            (
+                &[("u1", UnitStatus::Reserved, &["main"])],
+                &["u1"],
+                Some(DenyReason::NoAccess),
+            ),
+            (
+                &[("u1", UnitStatus::Repossessed, &["main"])],
+                &["u1"],
+                Some(DenyReason::Repossessed),
+            ),
+            // Gatelock lifted: in again.
+            (&[("u1", UnitStatus::Occupied, &["main"])], &[], None),
+        ];
+        for (units, locked, want) in cases {
+            let d = decide("main", Some(&gatelocked(units, locked)), &site, now);
+            assert_eq!(reason(&d), *want, "{units:?} gatelocked {locked:?}");
+        }
     }
 
     #[test]

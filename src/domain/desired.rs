@@ -6,6 +6,9 @@
 //! | overlocked | denied: "Please see office" | overlocked | on |
 //! | reserved, available, unavailable | no access | unassigned | on |
 //! | repossessed | denied | overlocked | on |
+//!
+//! A unit's gatelock only closes the gate to its tenant ([`super::access::decide`]): the
+//! lock and coil follow the status alone, so a gatelock change queues nothing.
 
 use super::UnitStatus;
 use super::unit::{LockBinding, UnitRecord};
@@ -177,6 +180,7 @@ mod tests {
             name: "A1".into(),
             unit_type_id: "small".into(),
             status: Occupied,
+            gatelock: false,
             attrs: serde_json::from_value(serde_json::json!({
                 "description": null, "width": 1.0, "length": 1.0, "height": 1.0, "door_height": 1.0,
                 "door_width": 1.0, "door_type": "none", "access_type": "indoor", "floor": null,
@@ -213,5 +217,71 @@ mod tests {
         let t = unit_target(&unit, None).unwrap();
         assert_eq!(t.key(), "lock:lock-A01");
         assert_eq!(t.device("locks"), "locks");
+    }
+
+    /// Unit `u1` in `status`, locked by `lock`, gatelocked or not.
+    fn bound_unit(status: UnitStatus, lock: LockBinding, gatelock: bool) -> UnitRecord {
+        UnitRecord {
+            id: "u1".into(),
+            name: "A1".into(),
+            unit_type_id: "small".into(),
+            status,
+            gatelock,
+            attrs: serde_json::from_value(serde_json::json!({
+                "description": null, "width": 1.0, "length": 1.0, "height": 1.0, "door_height": 1.0,
+                "door_width": 1.0, "door_type": "none", "access_type": "indoor", "floor": null,
+                "directions": null, "standard_rate": 1.0, "walk_thru_order": 0, "rentable": true,
+                "combination_lock_number": null, "overlock_lock_number": null,
+                "attribute_description": null, "rank": null, "unit_amenities": [], "tax_rates": []
+            }))
+            .unwrap(),
+            bindings: crate::domain::unit::Bindings {
+                lock: Some(lock),
+                ..Default::default()
+            },
+            version: 1,
+        }
+    }
+
+    #[test]
+    fn gatelock_changes_no_hardware_target() {
+        let relay = LockBinding::Relay {
+            board: "relay-1".into(),
+            coil: 3,
+        };
+        let smart = LockBinding::SmartLock { id: "lk".into() };
+        for status in [
+            Occupied,
+            Overlocked,
+            Reserved,
+            Available,
+            Unavailable,
+            Repossessed,
+        ] {
+            for lock in [&relay, &smart] {
+                let open = unit_target(&bound_unit(status, lock.clone(), false), Some("c1"));
+                let locked = unit_target(&bound_unit(status, lock.clone(), true), Some("c1"));
+                assert!(open.is_some());
+                assert_eq!(locked, open, "{status} {lock:?}");
+            }
+        }
+        // An occupied, gatelocked unit: lock still assigned, overlock still off.
+        assert_eq!(
+            unit_target(&bound_unit(Occupied, relay, true), Some("c1")),
+            Some(Target::Coil {
+                board: "relay-1".into(),
+                coil: 3,
+                on: false
+            })
+        );
+        assert_eq!(
+            unit_target(&bound_unit(Occupied, smart, true), Some("c1")),
+            Some(Target::SmartLock {
+                lock: "lk".into(),
+                target: LockTarget::Assigned {
+                    tenant_ref: "c1".into()
+                }
+            })
+        );
     }
 }

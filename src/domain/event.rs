@@ -48,6 +48,15 @@ pub enum EventType {
     /// `device.online`
     #[serde(rename = "device.online")]
     DeviceOnline,
+    /// `queue.full`: the undelivered backlog passed `cloud.backlog_cap_mib` (an alarm).
+    #[serde(rename = "queue.full")]
+    QueueFull,
+    /// `queue.ok`: the backlog is back under the cap after a `queue.full`.
+    #[serde(rename = "queue.ok")]
+    QueueOk,
+    /// `access.compacted`: counts of undelivered access events compacted in place.
+    #[serde(rename = "access.compacted")]
+    AccessCompacted,
 }
 
 impl EventType {
@@ -68,6 +77,9 @@ impl EventType {
             EventType::DoorAlarm => "door.alarm",
             EventType::DeviceOffline => "device.offline",
             EventType::DeviceOnline => "device.online",
+            EventType::QueueFull => "queue.full",
+            EventType::QueueOk => "queue.ok",
+            EventType::AccessCompacted => "access.compacted",
         }
     }
 }

@@ -120,6 +120,9 @@ pub struct UnitRecord {
     pub unit_type_id: String,
     /// Status.
     pub status: UnitStatus,
+    /// Gatelock: the tenant's PIN does not open the gate for this unit; its lock and
+    /// overlock still follow `status` (DESIGN.md §4).
+    pub gatelock: bool,
     /// storEDGE fields.
     pub attrs: UnitAttributes,
     /// Hardware bindings.
@@ -185,6 +188,8 @@ pub struct UnitInput {
     pub lock: Option<LockBinding>,
     /// Door sensor.
     pub door_sensor: Option<DoorSensor>,
+    /// Gatelock: the PIN does not open the gate for this unit (default false).
+    pub gatelock: Option<bool>,
 }
 
 /// A partial update of a unit (PATCH/PUT, bulk_update). Omitted fields stay as they are; a
@@ -292,6 +297,10 @@ pub struct UnitPatch {
     #[schema(value_type = Option<DoorSensor>)]
     #[serde(default)]
     pub door_sensor: Patch<DoorSensor>,
+    /// Gatelock: the PIN does not open the gate for this unit (null unchanged).
+    #[schema(value_type = Option<bool>)]
+    #[serde(default)]
+    pub gatelock: Patch<bool>,
 }
 
 const MAX_TEXT: usize = 1000;
@@ -423,6 +432,8 @@ pub struct NewUnit {
     pub unit_type_id: String,
     /// Status (`available` unless a snapshot says otherwise).
     pub status: UnitStatus,
+    /// Gatelock.
+    pub gatelock: bool,
     /// Attributes.
     pub attrs: UnitAttributes,
     /// Bindings.
@@ -558,6 +569,7 @@ impl UnitInput {
             names,
             unit_type_id,
             status: self.status.unwrap_or(UnitStatus::Available),
+            gatelock: self.gatelock.unwrap_or(false),
             attrs,
             bindings,
         })
@@ -584,6 +596,7 @@ impl UnitPatch {
     pub fn apply(&self, unit: &UnitRecord) -> Result<UnitRecord, Vec<FieldError>> {
         let mut errors = Vec::new();
         let mut next = unit.clone();
+        set(&self.gatelock, &mut next.gatelock);
         if let Patch::Value(name) = &self.name {
             match validate_name(name) {
                 Ok(()) => next.name = name.trim().to_owned(),
@@ -645,6 +658,9 @@ pub fn changed_fields(old: &UnitRecord, new: &UnitRecord) -> Vec<&'static str> {
     if old.status != new.status {
         out.push("status");
     }
+    if old.gatelock != new.gatelock {
+        out.push("gatelock");
+    }
     if old.attrs != new.attrs {
         out.push("attributes");
     }
@@ -682,6 +698,7 @@ mod tests {
             name: "A1".into(),
             unit_type_id: n.unit_type_id,
             status: UnitStatus::Available,
+            gatelock: n.gatelock,
             attrs: n.attrs,
             bindings: n.bindings,
             version: 1,
@@ -760,6 +777,28 @@ mod tests {
             changed_fields(&r, &p.apply(&r).unwrap()),
             Vec::<&str>::new()
         );
+    }
+
+    #[test]
+    fn gatelock_defaults_off_is_patched_and_named_on_its_own() {
+        assert!(!input().into_new(true).unwrap().gatelock);
+        let mut i = input();
+        i.gatelock = Some(true);
+        assert!(i.into_new(true).unwrap().gatelock);
+        let r = record();
+        let p: UnitPatch = serde_json::from_str(r#"{"gatelock": true}"#).unwrap();
+        let locked = p.apply(&r).unwrap();
+        assert!(locked.gatelock);
+        assert_eq!(locked.attrs, r.attrs, "not a storEDGE attribute");
+        assert_eq!(changed_fields(&r, &locked), ["gatelock"]);
+        for keep in [r#"{}"#, r#"{"gatelock": null}"#, r#"{"width": 5}"#] {
+            let p: UnitPatch = serde_json::from_str(keep).unwrap();
+            assert!(p.apply(&locked).unwrap().gatelock, "{keep}");
+        }
+        let p: UnitPatch = serde_json::from_str(r#"{"gatelock": false}"#).unwrap();
+        assert_eq!(p.apply(&locked).unwrap(), r);
+        assert!(serde_json::from_str::<UnitPatch>(r#"{"gatelock": "yes"}"#).is_err());
+        assert!(serde_json::from_str::<UnitInput>(r#"{"gatelock": 1}"#).is_err());
     }
 
     #[test]

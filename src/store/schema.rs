@@ -99,6 +99,28 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX device_targets_pending ON device_targets(device, seq) WHERE applied IS NOT desired;
     "#,
+    // 3: gatelock, a per-unit flag that keeps the tenant's PIN from opening the gate.
+    r#"
+    ALTER TABLE units ADD COLUMN gatelock INTEGER NOT NULL DEFAULT 0 CHECK (gatelock IN (0, 1));
+    "#,
+    // 4: the cloud link: how far each uplink has delivered the event log, the last nonce of
+    // each signing cloud client, and the webhook event ids already taken.
+    r#"
+    CREATE TABLE uplink_cursors (
+        uplink  TEXT PRIMARY KEY,
+        seq     INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE client_nonces (
+        client_id  TEXT PRIMARY KEY,
+        nonce      INTEGER NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE webhook_events (
+        source       TEXT NOT NULL,
+        event_id     TEXT NOT NULL,
+        received_at  TEXT NOT NULL,
+        PRIMARY KEY (source, event_id)
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.

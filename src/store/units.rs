@@ -27,7 +27,8 @@ pub struct UnitRow {
 
 const SELECT: &str =
     "SELECT u.id, u.name, u.unit_type_id, t.name, u.status, u.attrs, u.zones, u.lock,
-        u.door_sensor, u.version, u.created_at, u.updated_at, a.tenancy_id, tn.contact_id
+        u.door_sensor, u.version, u.created_at, u.updated_at, a.tenancy_id, tn.contact_id,
+        u.gatelock
     FROM units u
     JOIN unit_types t ON t.id = u.unit_type_id
     LEFT JOIN unit_allocations a ON a.unit_id = u.id AND a.ended_at IS NULL
@@ -54,6 +55,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<UnitRow> {
             name: r.get(1)?,
             unit_type_id: r.get(2)?,
             status,
+            gatelock: r.get(14)?,
             attrs: decode(&r.get::<_, String>(5)?)?,
             bindings: Bindings {
                 zones: decode(&r.get::<_, String>(6)?)?,
@@ -103,6 +105,7 @@ impl UnitRow {
             available_for_move_in: u.status == UnitStatus::Available && a.rentable,
             rentable: a.rentable,
             status: u.status,
+            gatelock: u.gatelock,
             current_tenant_id: self.contact_id.clone(),
             current_tenancy_id: self.tenancy_id.clone(),
             combination_lock_number: a.combination_lock_number.clone(),
@@ -261,7 +264,7 @@ fn json_opt<T: serde::Serialize>(v: &Option<T>) -> Result<Option<String>, StoreE
 }
 
 /// Runs an insert or update whose parameters are the unit's columns in table order
-/// (`?1` id .. `?9` version, `?10` the time).
+/// (`?1` id .. `?9` version, `?10` the time, `?11` gatelock).
 fn write(
     conn: &Connection,
     sql: &str,
@@ -278,7 +281,8 @@ fn write(
         json_opt(&u.bindings.lock)?,
         json_opt(&u.bindings.door_sensor)?,
         u.version,
-        timestamp(now)
+        timestamp(now),
+        u.gatelock
     ])?;
     Ok(())
 }
@@ -291,8 +295,8 @@ pub fn insert(
 ) -> Result<(), StoreError> {
     write(
         conn,
-        "INSERT INTO units (id, name, unit_type_id, status, attrs, zones, lock, door_sensor, version, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10)",
+        "INSERT INTO units (id, name, unit_type_id, status, attrs, zones, lock, door_sensor, version, created_at, updated_at, gatelock)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?11)",
         u,
         now,
     )
@@ -307,7 +311,7 @@ pub fn update(
     write(
         conn,
         "UPDATE units SET name = ?2, unit_type_id = ?3, status = ?4, attrs = ?5, zones = ?6, lock = ?7,
-            door_sensor = ?8, version = ?9, updated_at = ?10 WHERE id = ?1",
+            door_sensor = ?8, version = ?9, updated_at = ?10, gatelock = ?11 WHERE id = ?1",
         u,
         now,
     )

@@ -117,6 +117,27 @@ impl Principal {
     }
 }
 
+/// A caller inside the gateway, such as a request the MQTT link dispatches to the router,
+/// carried as a request extension. Extensions never come from the wire, and only this crate
+/// can build one, so no HTTP client can claim it.
+#[derive(Debug, Clone)]
+pub struct InternalCaller(Principal);
+
+impl InternalCaller {
+    /// A caller named `name` (no spaces: it prefixes idempotency keys) holding `scopes`.
+    pub(crate) fn new(name: impl Into<String>, scopes: Vec<Scope>) -> Self {
+        InternalCaller(Principal {
+            name: name.into(),
+            scopes,
+        })
+    }
+
+    /// The principal it stands for.
+    pub fn principal(&self) -> &Principal {
+        &self.0
+    }
+}
+
 /// The SHA-256 of a token, hex, as it goes into the config.
 pub fn token_hash_hex(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
@@ -189,6 +210,14 @@ mod tests {
             sha256: token_hash_hex("s3cret"),
             scopes: vec!["read".into()],
         }])
+    }
+
+    #[test]
+    fn internal_caller_holds_its_scopes() {
+        let c = InternalCaller::new("mqtt", vec![Scope::Read]);
+        assert_eq!(c.principal().name, "mqtt");
+        assert!(c.principal().require(Scope::Read).is_ok());
+        assert_eq!(c.principal().require(Scope::Admin).unwrap_err().status, 403);
     }
 
     #[test]

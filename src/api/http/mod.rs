@@ -30,6 +30,10 @@ pub struct AppInner {
     pub tokens: Tokens,
     /// Devices and their health (`GET /v1/devices`).
     pub devices: crate::reconcile::DeviceRegistry,
+    /// The cloud links' state (`GET /v1/status`).
+    pub links: crate::cloud::Links,
+    /// Inbound webhook sources (`POST /v1/webhooks/{source}`).
+    pub webhooks: crate::cloud::webhooks::Webhooks,
 }
 
 impl std::ops::Deref for AppState {
@@ -60,10 +64,32 @@ pub fn router_with_devices(
     limits: Limits,
     devices: crate::reconcile::DeviceRegistry,
 ) -> Router {
+    router_with_cloud(executor, tokens, limits, devices, Cloud::default())
+}
+
+/// The cloud side the router shows and serves: link states and webhook sources.
+#[derive(Debug, Clone, Default)]
+pub struct Cloud {
+    /// Link states for `GET /v1/status` (their names are the uplink cursors counted as backlog).
+    pub links: crate::cloud::Links,
+    /// Sources of `POST /v1/webhooks/{source}`.
+    pub webhooks: crate::cloud::webhooks::Webhooks,
+}
+
+/// Builds the router with devices and the cloud links.
+pub fn router_with_cloud(
+    executor: Executor,
+    tokens: Tokens,
+    limits: Limits,
+    devices: crate::reconcile::DeviceRegistry,
+    cloud: Cloud,
+) -> Router {
     let state = AppState(Arc::new(AppInner {
         executor,
         tokens,
         devices,
+        links: cloud.links,
+        webhooks: cloud.webhooks,
     }));
     let (api, _) = routes::api(limits).split_for_parts();
     api.fallback(|| async { ApiError::new(404, "not_found", "no such route") })

@@ -121,6 +121,8 @@ pub fn api(limits: Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(get_tenancy, put_tenancy))
         .routes(routes!(list_events))
         .routes(routes!(list_devices))
+        .routes(routes!(status))
+        .routes(routes!(webhook))
         .routes(routes!(healthz))
         .routes(routes!(openapi_json))
         .merge(snapshot)
@@ -777,4 +779,156 @@ async fn openapi_json(_: Authorized<needs::Read>) -> Result<Response, ApiError> 
         openapi_document(),
     )
         .into_response())
+}
+
+// ---- cloud: status and webhooks ---------------------------------------------------------
+
+/// Devices answering and not.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct DeviceCounts {
+    /// Devices answering.
+    pub online: usize,
+    /// Devices not answering (or disabled).
+    pub offline: usize,
+}
+
+/// `GET /v1/status`: the site, its cloud links, the undelivered backlog and device health.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct SiteStatus {
+    /// Site id.
+    pub site_id: String,
+    /// The gateway's version.
+    pub version: String,
+    /// Each configured cloud link (`mqtt`, `https`) by name.
+    pub link: std::collections::BTreeMap<String, crate::cloud::LinkStatus>,
+    /// Events not yet acknowledged by every configured uplink (0 without uplinks).
+    pub backlog: crate::cloud::backlog::Backlog,
+    /// Device health counts.
+    pub devices: DeviceCounts,
+}
+
+/// Link and hardware health, and how much the cloud has not received yet.
+#[utoipa::path(get, path = "/v1/status", tag = "operations",
+    responses((status = 200, body = SiteStatus), Errors))]
+async fn status(
+    State(s): State<AppState>,
+    _: Authorized<needs::Read>,
+) -> Result<Response, ApiError> {
+    let link = s.links.list();
+    let uplinks: Vec<String> = link.keys().cloned().collect();
+    let now = s.executor.now();
+    let backlog = read(&s, move |c| {
+        Ok(crate::cloud::backlog::backlog(c, &uplinks, now)?)
+    })
+    .await?;
+    let devices = s.devices.list();
+    let online = devices.iter().filter(|d| d.online).count();
+    Ok(Json(SiteStatus {
+        site_id: s.executor.site_id().to_owned(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        link,
+        backlog,
+        devices: DeviceCounts {
+            online,
+            offline: devices.len() - online,
+        },
+    })
+    .into_response())
+}
+
+/// Error answers of the webhook route.
+#[derive(utoipa::IntoResponses)]
+#[allow(
+    dead_code,
+    reason = "documentation only: the variants describe the error statuses"
+)]
+pub enum WebhookErrors {
+    /// The body is not JSON (`malformed_json`).
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// `signature_missing`, `signature_invalid` (malformed or not matching), or
+    /// `signature_expired` (timestamp more than 5 minutes from the gateway's clock).
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// Unknown source, or the event names an unknown contact or tenancy.
+    #[response(status = 404)]
+    NotFound(ErrorBody),
+    /// `replayed`: this source sent this event id before.
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// Body over the limit.
+    #[response(status = 413)]
+    TooLarge(ErrorBody),
+    /// The JSON lacks `id`, `event`/`type`, or a field its type needs.
+    #[response(status = 422)]
+    Unprocessable(ErrorBody),
+    /// Internal error.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+}
+
+/// A signed event from a configured source (`payment.failed`, `payment.processed`,
+/// `tenancy.ended`; other types are acknowledged with `ignored: true`). No bearer token: the
+/// `X-Unitgate-Signature` (HMAC-SHA256 of `"t.body"` with the source's secret) is the
+/// authentication.
+#[utoipa::path(post, path = "/v1/webhooks/{source}", tag = "cloud", security(()),
+    params(("source" = String, Path, description = "A configured webhook source"),
+        ("X-Unitgate-Signature" = String, Header, description = "t=<unix>,v1=<hex HMAC-SHA256 of \"t.body\">")),
+    request_body = crate::cloud::webhooks::WebhookEvent,
+    responses((status = 200, body = crate::cloud::webhooks::WebhookResult), WebhookErrors))]
+async fn webhook(
+    State(s): State<AppState>,
+    rid: RequestId,
+    Path(source): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Some(src) = s.webhooks.get(&source) else {
+        return Err(ApiError::new(
+            404,
+            "not_found",
+            format!("no webhook source {source:?} is configured"),
+        ));
+    };
+    let body = body.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                413,
+                "payload_too_large",
+                "the request body is larger than this route accepts",
+            )
+        } else {
+            ApiError::new(400, "bad_request", "cannot read the request body")
+        }
+    })?;
+    let sig = headers
+        .get(crate::cloud::webhooks::SIGNATURE_HEADER)
+        .map(|v| v.to_str().unwrap_or(""));
+    if let Err(e) = src.verify(sig, &body, s.executor.now().timestamp()) {
+        tracing::warn!(source = %source, reason = %e, "webhook refused");
+        return Err(e.into());
+    }
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::new(
+            400,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    let event: crate::cloud::webhooks::WebhookEvent =
+        serde_json::from_value(value).map_err(|e| {
+            ApiError::validation(vec![crate::domain::FieldError::new("body", e.to_string())])
+        })?;
+    let env = Envelope {
+        fingerprint: fingerprint("webhook", &source, &body),
+        command: Command::Webhook(crate::cloud::webhooks::Inbound {
+            source: source.clone(),
+            remove_overlock_on_payment: src.remove_overlock_on_payment,
+            event,
+        }),
+        idempotency_key: None,
+        if_match: None,
+        request_id: rid.0,
+    };
+    Ok(reply_response(s.executor.execute(env).await))
 }
