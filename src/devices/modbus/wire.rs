@@ -265,12 +265,15 @@ async fn discard_pending(line: &SharedLine) {
     let mut reader = line.clone();
     let mut junk = [0u8; 256];
     let mut dropped = 0usize;
-    // A zero timeout still polls the read once: it completes only if bytes are there.
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::ZERO, reader.read(&mut junk)).await {
-        if n == 0 {
-            break;
+    // Polls the read exactly once per round: bytes there are taken, an empty line ends it at
+    // once (a zero `timeout` would wait for the timer wheel's next 1 ms tick instead).
+    loop {
+        let mut read = std::pin::pin!(reader.read(&mut junk));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await;
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => dropped += n,
+            _ => break,
         }
-        dropped += n;
     }
     if dropped > 0 {
         tracing::debug!(dropped, "modbus rtu: late bytes dropped before a request");
