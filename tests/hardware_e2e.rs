@@ -4,36 +4,18 @@
 
 mod common;
 
-use common::{TestClock, TestGateway, test_config};
-use hw_sim::Sim;
-use hw_sim::config::SiteFile;
+use common::site::{SimSite, until};
 use serde_json::{Value, json};
 use std::time::Duration;
-use tokio::time::Instant;
-use unitgate::config::{LockApiConfig, ModbusTransport, RelayBoardConfig};
 
 const BOARD: &str = "relay-1";
 const LOCKS: &str = "locks";
-const KEY: &str = "e2e-key-0123456789";
-/// Poll interval of every wait.
-const POLL: Duration = Duration::from_millis(20);
 
-struct Site {
-    sim: Sim,
-    http: reqwest::Client,
-    t: TestGateway,
-    _sim_dir: tempfile::TempDir,
-}
-
-impl Site {
-    /// hw-sim with one TCP relay board and a lock API serving lock-1..lock-3, and the
-    /// gateway configured with their real addresses, reading back every `reconcile_s`.
-    async fn start(reconcile_s: u64) -> Site {
-        let sim_dir = tempfile::tempdir().expect("tempdir");
-        let key_file = sim_dir.path().join("lock-api.key");
-        std::fs::write(&key_file, format!("{KEY}\n")).expect("key file");
-        let toml = format!(
-            r#"
+/// hw-sim with one Modbus TCP relay board and a lock API serving lock-1..lock-3; the
+/// gateway drives both (the same `[devices]` text for each side).
+fn devices() -> String {
+    format!(
+        r#"
 [[devices.relay_boards]]
 id = "{BOARD}"
 transport = "tcp"
@@ -41,164 +23,54 @@ address = "127.0.0.1:0"
 unit_id = 1
 coils = 8
 inputs = 8
+timeout_ms = 200
+poll_ms = 100
 
 [devices.lock_api]
 id = "{LOCKS}"
 url = "http://127.0.0.1:0/vendor"
-api_key_file = {:?}
+api_key_file = "{{wires}}/lock-api.key"
 locks = ["lock-1", "lock-2", "lock-3"]
-"#,
-            key_file.display().to_string()
-        );
-        let site = SiteFile::parse(&toml).expect("site file");
-        let sim = Sim::start(&site, Some("127.0.0.1:0")).await.expect("sim");
-        let http = reqwest::Client::new();
-        let devices: Value = http
-            .get(format!("{}/devices", sim.control_url()))
-            .send()
-            .await
-            .expect("control API")
-            .json()
-            .await
-            .expect("devices JSON");
-        let find = |id: &str| -> Value {
-            devices
-                .as_array()
-                .and_then(|l| l.iter().find(|d| d["id"] == id))
-                .cloned()
-                .unwrap_or_else(|| panic!("{id} in {devices}"))
-        };
-        let board_addr = find(BOARD)["address"]["address"]
-            .as_str()
-            .expect("board address")
-            .to_owned();
-        let lock_url = find(LOCKS)["address"]["url"]
-            .as_str()
-            .expect("lock url")
-            .to_owned();
+"#
+    )
+}
 
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = test_config(dir.path());
-        cfg.devices.reconcile_s = reconcile_s;
-        cfg.devices.relay_boards = vec![RelayBoardConfig {
-            id: BOARD.into(),
-            transport: ModbusTransport::Tcp,
-            address: board_addr,
-            port: String::new(),
-            baud: 9600,
-            parity: "none".into(),
-            stop_bits: 1,
-            unit_id: 1,
-            coils: 8,
-            inputs: 8,
-            response_delay_ms: None,
-            timeout_ms: 200,
-            poll_ms: 100,
-            enabled: true,
-        }];
-        cfg.devices.lock_api = Some(LockApiConfig {
-            id: LOCKS.into(),
-            url: lock_url,
-            api_key_file: key_file,
-            timeout_ms: 2000,
-            rate_limit_per_s: None,
-            locks: None,
-            enabled: true,
-        });
-        cfg.validate().expect("valid config");
-        let t = TestGateway::start_with(dir, cfg, TestClock::at("2026-03-10T12:00:00Z")).await;
-        t.seed(6).await;
-        Site {
-            sim,
-            http,
-            t,
-            _sim_dir: sim_dir,
-        }
-    }
+/// The site, with the shorthands these tests use.
+struct Site(SimSite);
 
-    async fn control(&self, path: &str) -> Value {
-        self.http
-            .get(format!("{}{path}", self.sim.control_url()))
-            .send()
-            .await
-            .expect("control API")
-            .json()
-            .await
-            .expect("control JSON")
-    }
-
-    async fn coils(&self) -> Vec<bool> {
-        self.control(&format!("/relays/{BOARD}")).await["coils"]
-            .as_array()
-            .expect("coils")
-            .iter()
-            .map(|v| v.as_bool().expect("bool"))
-            .collect()
-    }
-
-    async fn lock(&self, id: &str) -> (String, Option<String>) {
-        let v = self.control(&format!("/locks/{id}")).await;
-        (
-            v["state"].as_str().unwrap_or_default().to_owned(),
-            v["assigned_to"].as_str().map(str::to_owned),
-        )
-    }
-
-    async fn device(&self, id: &str) -> Value {
-        let a = self.t.get("/v1/devices").await;
-        assert_eq!(a.status, 200, "{:?}", a.body);
-        a.body
-            .as_array()
-            .and_then(|l| l.iter().find(|d| d["id"] == id))
-            .cloned()
-            .unwrap_or_else(|| panic!("{id} in {:?}", a.body))
-    }
-
-    async fn bind(&self, unit: &str, binding: Value) {
-        let a = self
-            .t
-            .patch(
-                &format!("/v1/units/{unit}"),
-                json!({"unit": {"lock": binding}}),
-            )
-            .await;
-        assert_eq!(a.status, 200, "{:?}", a.body);
-    }
-
-    async fn ok(&self, path: &str, body: Value) {
-        let a = self.t.post(path, body).await;
-        assert_eq!(a.status, 200, "{path}: {:?}", a.body);
-    }
-
-    async fn fault(&self, device: &str, kind: &str, ms: u64) {
-        let r = self
-            .http
-            .post(format!("{}/faults", self.sim.control_url()))
-            .json(&json!({"device": device, "kind": kind, "duration_ms": ms}))
-            .send()
-            .await
-            .expect("POST /faults");
-        assert!(r.status().is_success(), "{}", r.status());
-    }
-
-    async fn stop(self) {
-        self.t.stop().await;
+impl std::ops::Deref for Site {
+    type Target = SimSite;
+    fn deref(&self) -> &SimSite {
+        &self.0
     }
 }
 
-/// Polls `check` until it returns true or `within` passes; returns the time it took.
-async fn until<F, Fut>(what: &str, within: Duration, mut check: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < within, "{what}: not within {within:?}");
-        tokio::time::sleep(POLL).await; // poll interval, not a wait for the outcome
+impl std::ops::DerefMut for Site {
+    fn deref_mut(&mut self) -> &mut SimSite {
+        &mut self.0
+    }
+}
+
+impl Site {
+    /// The site with units u1..u6 seeded, reading back every `reconcile_s`.
+    async fn start(reconcile_s: u64) -> Site {
+        Site(SimSite::start(&devices(), reconcile_s, 6).await)
+    }
+
+    async fn coils(&self) -> Vec<bool> {
+        self.0.coils(BOARD).await
+    }
+
+    async fn fault(&self, device: &str, kind: &str, ms: u64) {
+        self.0.fault(device, kind, None, ms).await;
+    }
+
+    async fn ok(&self, path: &str, body: Value) {
+        self.0.ok(path, body).await;
+    }
+
+    async fn stop(self) {
+        self.0.stop().await;
     }
 }
 
