@@ -376,7 +376,8 @@ impl Gateway {
                 executor.store().clone(),
                 clients,
                 m.max_packet_bytes,
-            );
+            )
+            .with_max_snapshot(cfg.api.max_snapshot_bytes);
             let link = crate::cloud::mqtt::MqttLink::new(
                 m,
                 executor.clone(),

@@ -4,6 +4,7 @@
 //! payload, `request_id` as `Idempotency-Key`), dispatched with an [`InternalCaller`] that
 //! no client on the wire can set. The answer becomes `{"request_id", "ok", "result"|"error"}`.
 
+use super::mqtt_chunks::{Added, Assembler, Chunk, ReplyTo};
 use super::signing::{CloudClients, SignatureError};
 use crate::api::error::ApiError;
 use crate::api::http::auth::{InternalCaller, Scope};
@@ -40,6 +41,41 @@ pub struct Outbound {
     pub retain: bool,
     /// MQTT 5 correlation data (replies on a response topic).
     pub correlation: Option<Bytes>,
+}
+
+/// A chunked snapshot still incomplete this long after its first chunk is dropped.
+pub const CHUNK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// The total size limit of a chunked snapshot unless [`Dispatcher::with_max_snapshot`] set one.
+const DEFAULT_MAX_SNAPSHOT: usize = 16 << 20;
+
+/// Names a received command on the link: the connection it arrived on and its arrival
+/// number, so its acknowledgement is sent in order and never on another connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Receipt {
+    /// The connection's number.
+    pub conn: u64,
+    /// The arrival number.
+    pub idx: u64,
+}
+
+/// What handling a command gave: the reply to send, if any, and the received commands that
+/// may be acknowledged once it is handed over.
+#[derive(Debug)]
+pub struct Done {
+    /// The reply.
+    pub reply: Option<Outbound>,
+    /// The commands it completes.
+    pub receipts: Vec<Receipt>,
+}
+
+impl Done {
+    /// No reply; `receipt` is done.
+    pub fn nothing(receipt: Receipt) -> Self {
+        Done {
+            reply: None,
+            receipts: vec![receipt],
+        }
+    }
 }
 
 /// How a route is reached for an operation.
@@ -140,6 +176,7 @@ pub struct Dispatcher {
     store: Store,
     clients: Option<Arc<CloudClients>>,
     max_payload: usize,
+    chunks: Arc<Assembler>,
 }
 
 impl Dispatcher {
@@ -157,7 +194,14 @@ impl Dispatcher {
             store,
             clients,
             max_payload,
+            chunks: Arc::new(Assembler::new(DEFAULT_MAX_SNAPSHOT, CHUNK_TIMEOUT)),
         }
+    }
+
+    /// Chunked snapshots are refused above `bytes` in total (`api.max_snapshot_bytes`).
+    pub fn with_max_snapshot(mut self, bytes: usize) -> Self {
+        self.chunks = Arc::new(Assembler::new(bytes, CHUNK_TIMEOUT));
+        self
     }
 
     /// The reply topic of a request id (MQTT 3.1.1, or MQTT 5 without a response topic).
@@ -165,8 +209,10 @@ impl Dispatcher {
         format!("unitgate/v1/{}/reply/{request_id}", self.site_id)
     }
 
-    /// Runs one command; `None` when it cannot be answered (no reply address: logged).
-    pub async fn handle(&self, cmd: Inbound) -> Option<Outbound> {
+    /// Runs one command received as `receipt`: its reply (none when it cannot be answered:
+    /// no reply address, logged) and the receipts it completes (none while a chunked
+    /// snapshot is still being assembled; all of its chunks once it ran).
+    pub async fn handle(&self, cmd: Inbound, receipt: Receipt) -> Done {
         let prefix = format!("unitgate/v1/{}/cmd/", self.site_id);
         let operation = cmd.topic.strip_prefix(&prefix).unwrap_or("").to_owned();
         // The request id is looked for before anything is judged, so even a refused
@@ -181,7 +227,113 @@ impl Dispatcher {
             .and_then(|r| r.get("request_id"))
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let (status, body) = match self.run(&operation, &cmd.payload, parsed).await {
+        let to = ReplyTo::of(&cmd, "");
+        let outcome = match self.authenticate(&operation, &cmd.payload, parsed).await {
+            Err(e) => Err(e),
+            Ok((request, caller)) => {
+                if operation == "snapshot"
+                    && let Some(chunk) = Chunk::parse(&request)
+                {
+                    return match chunk {
+                        Ok(c) => self.chunk(c, &cmd, &caller, receipt).await,
+                        Err(e) => Done {
+                            reply: self.reply(&to, request_id, &operation, Err(e)),
+                            receipts: vec![receipt],
+                        },
+                    };
+                }
+                self.execute(&operation, request, &caller).await
+            }
+        };
+        Done {
+            reply: self.reply(&to, request_id, &operation, outcome),
+            receipts: vec![receipt],
+        }
+    }
+
+    /// Adds a chunk of a snapshot; runs the snapshot when it was the last one.
+    async fn chunk(&self, c: Chunk, cmd: &Inbound, caller: &str, receipt: Receipt) -> Done {
+        let rid = c.request_id.clone();
+        match self.chunks.add(
+            c,
+            receipt,
+            ReplyTo::of(cmd, caller),
+            std::time::Instant::now(),
+        ) {
+            Added::Stored => Done {
+                reply: None,
+                receipts: Vec::new(),
+            },
+            Added::Ignored => Done::nothing(receipt),
+            Added::Refused { error, receipts } => Done {
+                reply: self.reply(&ReplyTo::of(cmd, caller), Some(rid), "snapshot", Err(error)),
+                receipts,
+            },
+            Added::Complete {
+                body,
+                reply_to,
+                receipts,
+            } => {
+                let outcome = match serde_json::from_str::<Value>(&body) {
+                    Ok(Value::Object(mut m)) => {
+                        m.insert("request_id".into(), Value::String(rid.clone()));
+                        self.execute("snapshot", Value::Object(m), &reply_to.caller)
+                            .await
+                    }
+                    Ok(_) => Err(ApiError::validation(vec![FieldError::new(
+                        "data",
+                        "the joined chunks must be a JSON object",
+                    )])),
+                    Err(_) => Err(ApiError::new(
+                        400,
+                        "malformed_json",
+                        "the joined chunks are not valid JSON",
+                    )),
+                };
+                Done {
+                    reply: self.reply(&reply_to, Some(rid), "snapshot", outcome),
+                    receipts,
+                }
+            }
+        }
+    }
+
+    /// Gives up on chunked snapshots incomplete for longer than the timeout: their chunks
+    /// are done, and the sender is told (unless the snapshot already ran).
+    pub fn expire_chunks(&self) -> Vec<Done> {
+        self.chunks
+            .expire(std::time::Instant::now())
+            .into_iter()
+            .map(|x| {
+                tracing::warn!(request_id = %x.request_id, got = x.got.0, of = x.got.1, "chunked MQTT snapshot incomplete: dropped");
+                let reply = x.reply_to.and_then(|to| {
+                    let e = ApiError::new(
+                        400,
+                        "bad_request",
+                        format!(
+                            "only {} of {} chunks arrived in time; send the snapshot again",
+                            x.got.0, x.got.1
+                        ),
+                    );
+                    self.reply(&to, Some(x.request_id.clone()), "snapshot", Err(e))
+                });
+                Done {
+                    reply,
+                    receipts: x.receipts,
+                }
+            })
+            .collect()
+    }
+
+    /// The reply to a command sent to `to`, or `None` when there is nowhere to send it.
+    fn reply(
+        &self,
+        to: &ReplyTo,
+        request_id: Option<String>,
+        operation: &str,
+        outcome: Result<(u16, Value), ApiError>,
+    ) -> Option<Outbound> {
+        let (status, body) = match outcome {
             Ok(answer) => answer,
             Err(e) => {
                 let rid = request_id
@@ -199,13 +351,12 @@ impl Dispatcher {
             let error = body.get("error").cloned().unwrap_or(Value::Null);
             serde_json::json!({"request_id": reply_rid, "ok": false, "error": error})
         };
-        let topic = match (&cmd.response_topic, &rid) {
+        let topic = match (&to.response_topic, &rid) {
             (Some(t), _) if !t.is_empty() && !t.contains(['+', '#']) => t.clone(),
             (_, Some(r)) if topic_safe(r) => self.reply_topic(r),
             _ => {
                 tracing::warn!(
-                    topic = %cmd.topic,
-                    bytes = cmd.payload.len(),
+                    topic = %to.topic,
                     status,
                     "MQTT command without a usable request_id or response topic: not answered"
                 );
@@ -219,24 +370,24 @@ impl Dispatcher {
             topic,
             payload: Bytes::from(serde_json::to_vec(&reply).unwrap_or_default()),
             retain: false,
-            correlation: cmd.correlation.clone(),
+            correlation: to.correlation.clone(),
         })
     }
 
-    /// Checks and runs a command: the answer's status and JSON body (the router's, or an
-    /// error of the contract's shape).
-    async fn run(
+    /// Checks a command's size, parse and (signed commands) signature and nonce: the request
+    /// object and who sent it.
+    async fn authenticate(
         &self,
         operation: &str,
         payload: &[u8],
         parsed: Option<Value>,
-    ) -> Result<(u16, Value), ApiError> {
+    ) -> Result<(Value, String), ApiError> {
         if payload.len() > self.max_payload {
             return Err(ApiError::new(
                 413,
                 "payload_too_large",
                 format!(
-                    "the command is {} bytes; at most {} are accepted",
+                    "the command is {} bytes; at most {} are accepted (send a large snapshot in chunks)",
                     payload.len(),
                     self.max_payload
                 ),
@@ -249,7 +400,7 @@ impl Dispatcher {
                 "the payload is not valid JSON",
             ));
         };
-        let (request, caller) = match &self.clients {
+        Ok(match &self.clients {
             Some(clients) => {
                 let v = clients.verify(operation, payload).map_err(|e| match e {
                     SignatureError::Malformed(m) => ApiError::new(400, "bad_request", m),
@@ -281,7 +432,16 @@ impl Dispatcher {
                 (request, format!("mqtt:{}", v.client_id))
             }
             None => (parsed, "mqtt".to_owned()),
-        };
+        })
+    }
+
+    /// Runs a checked request through the router: the answer's status and JSON body.
+    async fn execute(
+        &self,
+        operation: &str,
+        request: Value,
+        caller: &str,
+    ) -> Result<(u16, Value), ApiError> {
         let Value::Object(mut body) = request else {
             return Err(ApiError::validation(vec![FieldError::new(
                 "body",
@@ -304,7 +464,7 @@ impl Dispatcher {
                 format!("no operation {operation:?}; see DESIGN.md §3"),
             )
         })?;
-        let req = build_request(&route, &mut body, &request_id, &caller)?;
+        let req = build_request(&route, &mut body, &request_id, caller)?;
         let res = self
             .router
             .clone()

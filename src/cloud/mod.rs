@@ -77,5 +77,6 @@ pub mod broker;
 pub mod dispatch;
 pub mod https;
 pub mod mqtt;
+pub mod mqtt_chunks;
 pub mod signing;
 pub mod webhooks;

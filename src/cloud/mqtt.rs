@@ -11,15 +11,24 @@
 //! poll task takes every publish rumqttc still holds (in flight or queued) out of it under
 //! the same lock: events are re-read from the durable cursor after the reconnect (rumqttc's
 //! own in-memory retransmission is not trusted, see CRATES.md), replies are re-sent.
+//!
+//! Commands are acknowledged manually (`set_manual_acks`): a command's PUBACK is enqueued
+//! only after its reply was handed to the client library (the command's effect is committed
+//! by then), and PUBACKs go out in the order the commands arrived, as MQTT 3.1.1 §4.6 and
+//! MQTT 5 §4.6 require of QoS 1 receivers. A command not yet acknowledged when the link
+//! drops is redelivered by the broker (persistent session) and answered again from the
+//! idempotency store, so delivery is at-least-once and the effect exactly-once. Acks of a
+//! previous connection are never sent on a new one (the packet id would name another
+//! message).
 
 use super::Links;
-use super::dispatch::{Dispatcher, Inbound, Outbound};
+use super::dispatch::{Dispatcher, Done, Inbound, Outbound, Receipt};
 use crate::command::Executor;
 use crate::config::{MqttConfig, MqttProtocol};
 use crate::store::{StoreError, events, units};
 use axum::body::Bytes;
 use rumqttc::{TlsConfiguration, Transport};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::sync::{Notify, Semaphore, mpsc, watch};
@@ -229,6 +238,16 @@ impl Client {
         }
     }
 
+    /// Enqueues the acknowledgement of a received command; false when the channel is full.
+    fn try_ack(&self, a: &AckHandle) -> bool {
+        match (self, a) {
+            (Client::V3(c), AckHandle::V3(p)) => c.try_ack(p).is_ok(),
+            (Client::V5(c), AckHandle::V5(p)) => c.try_ack(p).is_ok(),
+            // Cannot happen: one link speaks one protocol. Nothing to acknowledge.
+            _ => true,
+        }
+    }
+
     fn try_subscribe(&self, topic: &str) -> bool {
         match self {
             Client::V3(c) => c.try_subscribe(topic, rumqttc::QoS::AtLeastOnce).is_ok(),
@@ -239,12 +258,19 @@ impl Client {
     }
 }
 
+/// What is needed to acknowledge a received publish (its header; the payload is dropped).
+#[derive(Debug, Clone)]
+enum AckHandle {
+    V3(Box<rumqttc::Publish>),
+    V5(Box<rumqttc::v5::mqttbytes::v5::Publish>),
+}
+
 /// What the event loop reported, in protocol-neutral terms.
 enum WireEvent {
     Connected,
     Sent(u16),
     Acked { pkid: u16, refused: Option<String> },
-    Command(Inbound),
+    Command(Inbound, AckHandle),
     Other,
 }
 
@@ -265,12 +291,18 @@ impl Wire {
                         pkid: a.pkid,
                         refused: None,
                     },
-                    Event::Incoming(Packet::Publish(p)) => WireEvent::Command(Inbound {
-                        topic: p.topic,
-                        payload: p.payload,
-                        response_topic: None,
-                        correlation: None,
-                    }),
+                    Event::Incoming(Packet::Publish(mut p)) => {
+                        let payload = std::mem::take(&mut p.payload);
+                        WireEvent::Command(
+                            Inbound {
+                                topic: p.topic.clone(),
+                                payload,
+                                response_topic: None,
+                                correlation: None,
+                            },
+                            AckHandle::V3(Box::new(p)),
+                        )
+                    }
                     Event::Outgoing(Outgoing::Publish(pkid)) => WireEvent::Sent(pkid),
                     _ => WireEvent::Other,
                 })
@@ -287,17 +319,22 @@ impl Wire {
                             r => Some(format!("the broker refused a publish: {r:?}")),
                         },
                     },
-                    Event::Incoming(Packet::Publish(p)) => {
+                    Event::Incoming(Packet::Publish(mut p)) => {
                         let (response_topic, correlation) = p
                             .properties
+                            .take()
                             .map(|pr| (pr.response_topic, pr.correlation_data))
                             .unwrap_or_default();
-                        WireEvent::Command(Inbound {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload,
-                            response_topic,
-                            correlation,
-                        })
+                        let payload = std::mem::take(&mut p.payload);
+                        WireEvent::Command(
+                            Inbound {
+                                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                                payload,
+                                response_topic,
+                                correlation,
+                            },
+                            AckHandle::V5(Box::new(p)),
+                        )
                     }
                     Event::Outgoing(rumqttc::Outgoing::Publish(pkid)) => WireEvent::Sent(pkid),
                     _ => WireEvent::Other,
@@ -389,6 +426,7 @@ fn connect_options(
             let mut o = rumqttc::MqttOptions::new(client_id, ep.host, ep.port);
             o.set_keep_alive(keep_alive)
                 .set_clean_session(false)
+                .set_manual_acks(true)
                 .set_inflight(inflight)
                 .set_max_packet_size(HARD_PACKET_CAP, out_max)
                 .set_last_will(rumqttc::LastWill::new(
@@ -412,6 +450,7 @@ fn connect_options(
             let mut o = rumqttc::v5::MqttOptions::new(client_id, ep.host, ep.port);
             o.set_keep_alive(keep_alive)
                 .set_clean_start(false)
+                .set_manual_acks(true)
                 .set_session_expiry_interval(Some(cfg.session_expiry_s))
                 .set_outgoing_inflight_upper_limit(inflight)
                 .set_max_packet_size(Some(HARD_PACKET_CAP as u32))
@@ -443,12 +482,17 @@ enum Tag {
     Event(i64),
     /// A reply, the status or hello: nothing waits for it.
     Plain,
+    /// A reply whose commands are acknowledged once it is handed over (key into
+    /// `Sender::replies`).
+    Reply(u64),
 }
 
 /// Publishes handed to the client library and not yet acknowledged, shared by the two tasks.
 #[derive(Debug, Default)]
 struct Flight {
     connected: bool,
+    /// The connection's number (grows on every CONNACK): received commands carry it.
+    conn: u64,
     /// Enqueued, not yet written (`Outgoing::Publish` pops the head).
     queued: VecDeque<Tag>,
     /// Written, awaiting PUBACK, by packet id.
@@ -464,8 +508,12 @@ fn lock(f: &SharedFlight) -> std::sync::MutexGuard<'_, Flight> {
 /// From the poll task to the sender.
 enum Note {
     Connected,
-    Disconnected { resend: Vec<Outbound> },
+    Disconnected {
+        resend: Vec<Outbound>,
+    },
     Acked(Option<i64>),
+    /// A command arrived (in arrival order): it is acknowledged once done.
+    Received(Receipt, AckHandle),
 }
 
 /// The MQTT link: build with [`MqttLink::new`], then [`MqttLink::run`] it.
@@ -510,7 +558,7 @@ impl MqttLink {
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         let flight = SharedFlight::default();
         let (notes_tx, notes_rx) = mpsc::unbounded_channel();
-        let (jobs_tx, jobs_rx) = mpsc::channel::<Outbound>(1024);
+        let (jobs_tx, jobs_rx) = mpsc::channel::<Done>(1024);
         let delivered = {
             let r = self
                 .executor
@@ -534,6 +582,10 @@ impl MqttLink {
             connected: false,
             subscribed: true,
             buffer: VecDeque::new(),
+            replies: HashMap::new(),
+            next_reply: 0,
+            acks: VecDeque::new(),
+            finished: HashSet::new(),
             window: VecDeque::new(),
             delivered,
             next_after: delivered,
@@ -542,16 +594,35 @@ impl MqttLink {
             wire: self.wire,
             flight,
             notes: notes_tx,
-            jobs: jobs_tx,
-            dispatcher: self.dispatcher,
+            jobs: jobs_tx.clone(),
+            dispatcher: self.dispatcher.clone(),
             links: self.links,
             topics: self.topics,
             clock: self.executor.clone(),
             reconnect_max: Duration::from_secs(self.cfg.reconnect_max_s.max(1)),
         };
+        // Chunked snapshots left incomplete are dropped (and their chunks acknowledged).
+        let sweeper = {
+            let (d, jobs, mut stop) = (self.dispatcher.clone(), jobs_tx.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(EVENT_POLL);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.changed() => return,
+                    }
+                    for done in d.expire_chunks() {
+                        if jobs.send(done).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
         let send_task =
             tokio::spawn(sender.run(notes_rx, jobs_rx, self.committed, shutdown.clone()));
         poller.run(shutdown).await;
+        sweeper.abort();
         let _ = send_task.await;
     }
 }
@@ -561,7 +632,7 @@ struct Poller {
     wire: Wire,
     flight: SharedFlight,
     notes: mpsc::UnboundedSender<Note>,
-    jobs: mpsc::Sender<Outbound>,
+    jobs: mpsc::Sender<Done>,
     dispatcher: Dispatcher,
     links: Links,
     topics: Topics,
@@ -573,6 +644,7 @@ impl Poller {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let commands = Arc::new(Semaphore::new(CONCURRENT_COMMANDS));
         let mut backoff = Duration::from_millis(100);
+        let mut received: u64 = 0;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -584,7 +656,11 @@ impl Poller {
             match ev {
                 Ok(WireEvent::Connected) => {
                     backoff = Duration::from_millis(100);
-                    lock(&self.flight).connected = true;
+                    {
+                        let mut f = lock(&self.flight);
+                        f.connected = true;
+                        f.conn += 1;
+                    }
                     tracing::info!("MQTT link connected");
                     self.links
                         .set_connected("mqtt", true, None, self.clock.now());
@@ -614,11 +690,19 @@ impl Poller {
                     };
                     let _ = self.notes.send(Note::Acked(seq));
                 }
-                Ok(WireEvent::Command(cmd)) => {
+                Ok(WireEvent::Command(cmd, ack)) => {
+                    received += 1;
+                    let receipt = Receipt {
+                        conn: lock(&self.flight).conn,
+                        idx: received,
+                    };
+                    // Announced before the command runs, so acks keep arrival order.
+                    let _ = self.notes.send(Note::Received(receipt, ack));
                     if !cmd
                         .topic
                         .starts_with(self.topics.commands.trim_end_matches('#'))
                     {
+                        let _ = self.jobs.send(Done::nothing(receipt)).await;
                         continue;
                     }
                     // The poll task never waits for a command: each runs in its own task,
@@ -629,9 +713,8 @@ impl Poller {
                         let Ok(_permit) = permits.acquire_owned().await else {
                             return;
                         };
-                        if let Some(reply) = d.handle(cmd).await {
-                            let _ = jobs.send(reply).await;
-                        }
+                        let done = d.handle(cmd, receipt).await;
+                        let _ = jobs.send(done).await;
                     });
                 }
                 Ok(WireEvent::Other) => {}
@@ -684,6 +767,13 @@ struct Sender {
     subscribed: bool,
     /// Waiting to be enqueued, in order.
     buffer: VecDeque<(Outbound, Tag)>,
+    /// The commands each waiting reply acknowledges, by `Tag::Reply` key.
+    replies: HashMap<u64, Vec<Receipt>>,
+    next_reply: u64,
+    /// Commands received on this connection and not yet acknowledged, in arrival order.
+    acks: VecDeque<(Receipt, AckHandle)>,
+    /// Commands done (reply handed over, or none to give) and not yet acknowledged.
+    finished: HashSet<Receipt>,
     /// Events enqueued and not yet fully acknowledged, oldest first: (seq, acks missing).
     window: VecDeque<(i64, u32)>,
     /// The durable cursor.
@@ -696,7 +786,7 @@ impl Sender {
     async fn run(
         mut self,
         mut notes: mpsc::UnboundedReceiver<Note>,
-        mut jobs: mpsc::Receiver<Outbound>,
+        mut jobs: mpsc::Receiver<Done>,
         committed: Arc<Notify>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -709,7 +799,7 @@ impl Sender {
                     Some(n) => acked |= self.note(n).await,
                     None => return,
                 },
-                j = jobs.recv() => if let Some(j) = j { self.push_plain(j) },
+                j = jobs.recv() => if let Some(j) = j { self.push_done(j) },
                 _ = committed.notified() => {}
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
@@ -719,7 +809,7 @@ impl Sender {
                 acked |= self.note(n).await;
             }
             while let Ok(j) = jobs.try_recv() {
-                self.push_plain(j);
+                self.push_done(j);
             }
             if acked {
                 self.store_cursor().await;
@@ -731,16 +821,58 @@ impl Sender {
                     self.flush();
                 }
             }
+            self.ack_ready();
         }
     }
 
-    fn push_plain(&mut self, m: Outbound) {
-        let m = self.fit(m);
-        if self.buffer.len() >= MAX_BUFFERED {
-            tracing::warn!(topic = %m.topic, "MQTT reply dropped: too many waiting while the link is down");
-            return;
+    /// A command finished: its reply is queued and its receipts are acknowledged once the
+    /// reply is handed over (at once when there is no reply).
+    fn push_done(&mut self, d: Done) {
+        match d.reply {
+            Some(m) => {
+                let m = self.fit(m);
+                if self.buffer.len() >= MAX_BUFFERED {
+                    tracing::warn!(topic = %m.topic, "MQTT reply dropped: too many waiting while the link is down");
+                    self.finished.extend(d.receipts);
+                    return;
+                }
+                self.next_reply += 1;
+                self.replies.insert(self.next_reply, d.receipts);
+                self.buffer.push_back((m, Tag::Reply(self.next_reply)));
+            }
+            None => self.finished.extend(d.receipts),
         }
-        self.buffer.push_back((m, Tag::Plain));
+    }
+
+    /// Acknowledges the done commands at the head of the arrival order, on the connection
+    /// they arrived on; those of an earlier connection are forgotten (redelivered).
+    fn ack_ready(&mut self) {
+        while let Some((receipt, handle)) = self.acks.front() {
+            let f = lock(&self.flight);
+            if !f.connected || f.conn != receipt.conn {
+                let stale = receipt.conn != f.conn;
+                drop(f);
+                if !stale {
+                    return;
+                }
+                let r = *receipt;
+                self.finished.remove(&r);
+                self.acks.pop_front();
+                continue;
+            }
+            if !self.finished.contains(receipt) || !self.client.try_ack(handle) {
+                return;
+            }
+            drop(f);
+            let r = *receipt;
+            self.finished.remove(&r);
+            self.acks.pop_front();
+        }
+        // Receipts of earlier connections that finished late are of no use.
+        if self.finished.len() > self.acks.len() {
+            let conn = lock(&self.flight).conn;
+            self.finished.retain(|r| r.conn == conn);
+        }
     }
 
     /// A reply larger than the limit becomes an error reply saying so (the client library
@@ -791,8 +923,15 @@ impl Sender {
                 ));
                 false
             }
+            Note::Received(receipt, handle) => {
+                self.acks.push_back((receipt, handle));
+                false
+            }
             Note::Disconnected { resend } => {
                 self.connected = false;
+                // The broker redelivers every command not acknowledged.
+                self.acks.clear();
+                self.finished.clear();
                 self.restart_events();
                 for m in resend.into_iter().rev() {
                     self.buffer.push_front((m, Tag::Plain));
@@ -818,7 +957,7 @@ impl Sender {
     /// Forgets the events in flight: they are read again from the cursor.
     fn restart_events(&mut self) {
         self.window.clear();
-        self.buffer.retain(|(_, t)| *t == Tag::Plain);
+        self.buffer.retain(|(_, t)| !matches!(t, Tag::Event(_)));
         self.next_after = self.delivered;
     }
 
@@ -874,7 +1013,11 @@ impl Sender {
             }
             f.queued.push_back(*tag);
             drop(f);
-            self.buffer.pop_front();
+            if let Some((_, Tag::Reply(k))) = self.buffer.pop_front()
+                && let Some(receipts) = self.replies.remove(&k)
+            {
+                self.finished.extend(receipts);
+            }
         }
     }
 
