@@ -426,7 +426,7 @@ impl Dispatcher {
                     return Err(ApiError::new(
                         409,
                         "replayed",
-                        "the nonce is not greater than this client's last one: replay refused",
+                        "the nonce was used before or is too old for this client: replay refused",
                     ));
                 }
                 (request, format!("mqtt:{}", v.client_id))

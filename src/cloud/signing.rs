@@ -3,8 +3,8 @@
 //! `{"client_id", "nonce": <int>, "hmac": "<hex>", "request": {...}}` where
 //! `hmac = HMAC-SHA256(client key, operation "\n" nonce "\n" <request bytes as sent>)`.
 //! The MAC is checked in constant time over the raw bytes of `request` (no re-encoding);
-//! the nonce must grow per client, durably (`store::cloud::take_nonce`), so a replay is
-//! refused even after a restart.
+//! each nonce is taken once per client, durably, within a window below the client's highest
+//! (`store::cloud::take_nonce`), so a replay is refused even after a restart.
 
 use crate::config::MqttClientConfig;
 use hmac::{Hmac, Mac};

@@ -25,16 +25,52 @@ pub fn advance_cursor(conn: &Connection, uplink: &str, seq: i64) -> Result<(), S
     Ok(())
 }
 
-/// Takes `nonce` for `client_id` if it is greater than every nonce the client used
-/// before; false (and nothing recorded) for a replayed or stale one.
+/// How far below a client's highest nonce a late one is still taken (commands run
+/// concurrently, so nonces may be recorded a little out of order).
+pub const NONCE_WINDOW: i64 = 63;
+
+/// Takes `nonce` for `client_id` unless it was used before or is older than the window
+/// below the client's highest (the anti-replay window of IPsec, RFC 4303 §3.4.3): false,
+/// and nothing recorded, for a replayed or stale one.
 pub fn take_nonce(conn: &Connection, client_id: &str, nonce: i64) -> Result<bool, StoreError> {
-    let n = conn.execute(
-        "INSERT INTO client_nonces (client_id, nonce) VALUES (?1, ?2)
-         ON CONFLICT (client_id) DO UPDATE SET nonce = excluded.nonce
-         WHERE excluded.nonce > client_nonces.nonce",
-        params![client_id, nonce],
+    let row: Option<(i64, u64)> = conn
+        .query_row(
+            "SELECT nonce, seen FROM client_nonces WHERE client_id = ?1",
+            params![client_id],
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)?.cast_unsigned())),
+        )
+        .optional()?;
+    // `seen` bit i: nonce `highest - 1 - i` was taken.
+    let (highest, seen) = match row {
+        None => (nonce, 0),
+        Some((hi, seen)) if nonce > hi => {
+            let shift = nonce - hi;
+            let moved = if shift > NONCE_WINDOW {
+                0
+            } else {
+                ((seen << shift) | (1 << (shift - 1))) & window_mask()
+            };
+            (nonce, moved)
+        }
+        Some((hi, _)) if nonce == hi || hi - nonce > NONCE_WINDOW => return Ok(false),
+        Some((hi, seen)) => {
+            let bit = 1u64 << (hi - nonce - 1);
+            if seen & bit != 0 {
+                return Ok(false);
+            }
+            (hi, seen | bit)
+        }
+    };
+    conn.execute(
+        "INSERT INTO client_nonces (client_id, nonce, seen) VALUES (?1, ?2, ?3)
+         ON CONFLICT (client_id) DO UPDATE SET nonce = excluded.nonce, seen = excluded.seen",
+        params![client_id, highest, seen.cast_signed()],
     )?;
-    Ok(n == 1)
+    Ok(true)
+}
+
+fn window_mask() -> u64 {
+    (1u64 << NONCE_WINDOW) - 1
 }
 
 /// Records a webhook event id; false if `source` sent it before (a replay).
@@ -73,13 +109,26 @@ mod tests {
     }
 
     #[test]
-    fn nonces_must_grow_per_client() {
+    fn each_nonce_once_late_ones_within_the_window() {
         let c = db();
-        assert!(take_nonce(&c, "a", 5).expect("take"));
-        assert!(!take_nonce(&c, "a", 5).expect("take"), "replay");
-        assert!(!take_nonce(&c, "a", 4).expect("take"), "stale");
-        assert!(take_nonce(&c, "a", 6).expect("take"));
-        assert!(take_nonce(&c, "b", 1).expect("take"), "per client");
+        let take = |id: &str, n: i64| take_nonce(&c, id, n).expect("take");
+        assert!(take("a", 5));
+        assert!(!take("a", 5), "replay");
+        assert!(take("a", 8));
+        // 6 and 7 arrive late (commands run concurrently): taken once each.
+        assert!(take("a", 7));
+        assert!(take("a", 6));
+        assert!(!take("a", 6), "replay of a late one");
+        assert!(!take("a", 5), "replay below the highest");
+        assert!(take("b", 1), "per client");
+        // Far ahead: everything older falls out of the window.
+        assert!(take("a", 8 + NONCE_WINDOW));
+        assert!(!take("a", 8), "the old highest, replayed");
+        assert!(take("a", 9), "inside the window, never used");
+        assert!(!take("a", 8 + NONCE_WINDOW - NONCE_WINDOW - 1), "stale");
+        assert!(take("a", 1000));
+        assert!(!take("a", 8 + NONCE_WINDOW), "beyond the window now");
+        assert!(!take("a", 1000));
     }
 
     #[test]

@@ -112,7 +112,8 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT, WITHOUT ROWID;
     CREATE TABLE client_nonces (
         client_id  TEXT PRIMARY KEY,
-        nonce      INTEGER NOT NULL
+        nonce      INTEGER NOT NULL,
+        seen       INTEGER NOT NULL DEFAULT 0
     ) STRICT, WITHOUT ROWID;
     CREATE TABLE webhook_events (
         source       TEXT NOT NULL,
