@@ -103,6 +103,12 @@ async fn start_gateway(dir: &Path) -> Result<Gateway> {
         [api]
         listen = "127.0.0.1:0"
         plain_http = true
+        # Declared, not driven: the seeded units' smart-lock bindings must name a lock API,
+        # and their hardware intents are queued as on a real site.
+        [devices.lock_api]
+        id = "locks"
+        url = "http://127.0.0.1:9"
+        enabled = false
         "#,
     )?;
     cfg.store.data_dir = dir.to_owned();

@@ -441,7 +441,12 @@ fn connect_options(
             if let Some(t) = transport {
                 o.set_transport(t);
             }
-            let (c, l) = rumqttc::AsyncClient::new(o, cap);
+            let (c, mut l) = rumqttc::AsyncClient::new(o, cap);
+            // Small request/reply packets: without TCP_NODELAY, Nagle and the broker's
+            // delayed ACK add ~40 ms to every command (measured by benches/cloud.rs).
+            let mut net = l.network_options();
+            net.set_tcp_nodelay(true);
+            l.set_network_options(net);
             (Client::V3(c), Wire::V3(Box::new(l)))
         }
         MqttProtocol::V5 => {
@@ -467,6 +472,9 @@ fn connect_options(
             if let Some(t) = transport {
                 o.set_transport(t);
             }
+            let mut net = o.network_options();
+            net.set_tcp_nodelay(true);
+            o.set_network_options(net);
             let (c, l) = rumqttc::v5::AsyncClient::new(o, cap);
             (Client::V5(c), Wire::V5(Box::new(l)))
         }
