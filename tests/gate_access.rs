@@ -285,6 +285,15 @@ async fn refusals_give_their_reason_and_leak_nothing() {
     let (e, k) = enter(&s, &mut seq, EAST, "3333#").await;
     assert_denied(&e, "outside_hours");
     assert_eq!(k["text"], "Open 06:00-22:00", "the site is what is closed");
+
+    // Repossessed: refused, and sent to the office.
+    s.t.clock.set("2026-03-11T12:00:00Z");
+    s.ok("/v1/units/u1/set_status", json!({"status": "repossessed"}))
+        .await;
+    let (e, k) = enter(&s, &mut seq, MAIN, "2222#").await;
+    assert_denied(&e, "repossessed");
+    assert_eq!(e["data"]["units"], json!(["u1"]));
+    assert_eq!(k["text"], "Please see office");
     s.stop().await;
 }
 
