@@ -5,11 +5,13 @@ use crate::automation::{AutomationHandle, Scheduler};
 use crate::command::{Clock, Executor};
 use crate::config::Config;
 use crate::devices::modbus::{InputEvent, RelayBoards};
-use crate::devices::osdp::{self, KeyPress, Keypad, OsdpOptions};
+use crate::devices::osdp::{self, KeyPress, OsdpOptions};
 use crate::devices::smartlock::{DriverSettings, LockDriver, ReferenceProvider};
 use crate::domain::pin::PinKey;
 use crate::gate::GateController;
-use crate::reconcile::{DeviceHandle, DeviceKind, DeviceRegistry, HealthReport, Reconciler};
+use crate::reconcile::{
+    DeviceHandle, DeviceKind, DeviceRegistry, HealthReport, Reconciler, Seen, follow_health,
+};
 use crate::store::{Store, StoreError, site};
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -130,23 +132,6 @@ pub async fn open_store(cfg: &Config, clock: &Clock) -> Result<Store, GatewayErr
     Ok(store)
 }
 
-/// Follows a keypad's link health into the registry and the event log.
-async fn report_keypad(k: Keypad, mut report: HealthReport, mut shutdown: watch::Receiver<bool>) {
-    let mut rx = k.health();
-    loop {
-        let h = rx.borrow_and_update().clone();
-        if h.online {
-            report.record(true, h.last_error).await;
-        } else if h.last_error.is_some() {
-            report.record(false, h.last_error).await;
-        }
-        tokio::select! {
-            r = rx.changed() => if r.is_err() { return; },
-            r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return; },
-        }
-    }
-}
-
 /// Builds the keypad, relay board and lock API drivers from the config and spawns them:
 /// a reconciler per relay board and lock API, a health reporter per keypad, and the gate
 /// controller taking the key presses and input changes. Devices with `enabled = false` are
@@ -248,8 +233,10 @@ fn start_hardware(
             executor.clone(),
             registry.clone(),
         );
-        tasks.push(tokio::spawn(report_keypad(
-            pad.clone(),
+        let seen = |h: &osdp::KeypadHealth| Seen::from_flag(h.online, h.last_error.clone());
+        tasks.push(tokio::spawn(follow_health(
+            pad.health(),
+            seen,
             report,
             shutdown.clone(),
         )));

@@ -109,12 +109,38 @@ pub enum DeviceHandle {
     Locks(LockHandle),
 }
 
-/// Health as the reconciler sees it: online, offline (with the reason) or not yet known.
+/// A driver's health as reported: online, offline (with the reason) or not yet known.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Seen {
+pub enum Seen {
+    /// No answer and no failure yet.
     Unknown,
+    /// Answering; the latest failure, kept after recovery.
     Online(Option<String>),
+    /// Not answering, and why.
     Offline(Option<String>),
+}
+
+impl Seen {
+    /// From a driver that says online, or offline once something failed.
+    pub fn from_flag(online: bool, last_error: Option<String>) -> Seen {
+        match (online, last_error) {
+            (true, e) => Seen::Online(e),
+            (false, Some(e)) => Seen::Offline(Some(e)),
+            (false, None) => Seen::Unknown,
+        }
+    }
+}
+
+fn board_seen(h: &crate::devices::modbus::Health) -> Seen {
+    match h.state {
+        BoardState::Online => Seen::Online(h.last_error.clone()),
+        BoardState::Offline => Seen::Offline(h.last_error.clone()),
+        BoardState::Connecting => Seen::Unknown,
+    }
+}
+
+fn lock_seen(h: &smartlock::LockApiHealth) -> Seen {
+    Seen::from_flag(h.online, h.last_error.clone())
 }
 
 /// A failed delivery: the message to store and the least wait the device asked for.
@@ -126,24 +152,8 @@ struct Failure {
 impl DeviceHandle {
     fn health(&self) -> Seen {
         match self {
-            DeviceHandle::Board(b) => {
-                let h = b.health().borrow().clone();
-                match h.state {
-                    BoardState::Online => Seen::Online(h.last_error),
-                    BoardState::Offline => Seen::Offline(h.last_error),
-                    BoardState::Connecting => Seen::Unknown,
-                }
-            }
-            DeviceHandle::Locks(l) => {
-                let h = l.health().borrow().clone();
-                if h.online {
-                    Seen::Online(h.last_error)
-                } else if h.last_error.is_some() {
-                    Seen::Offline(h.last_error)
-                } else {
-                    Seen::Unknown
-                }
-            }
+            DeviceHandle::Board(b) => board_seen(&b.health().borrow()),
+            DeviceHandle::Locks(l) => lock_seen(&l.health().borrow()),
         }
     }
 
@@ -369,15 +379,17 @@ impl HealthReport {
     }
 }
 
-/// Follows a driver's health into `report` until `shutdown`.
-async fn report_health(
-    handle: DeviceHandle,
+/// Follows a driver's health watch into `report` until `shutdown` (or the driver is gone);
+/// `seen` reads one value of it.
+pub async fn follow_health<T>(
+    mut rx: watch::Receiver<T>,
+    seen: fn(&T) -> Seen,
     mut report: HealthReport,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut rx = handle.health_rx();
     loop {
-        match handle.health() {
+        let now = seen(&rx.borrow_and_update());
+        match now {
             Seen::Unknown => {}
             Seen::Online(e) => {
                 report.record(true, e).await;
@@ -388,7 +400,7 @@ async fn report_health(
         }
         tokio::select! {
             r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return; },
-            _ = DeviceHandle::health_changed(&mut rx) => {}
+            r = rx.changed() => if r.is_err() { return; },
         }
     }
 }
@@ -438,10 +450,14 @@ impl Reconciler {
             self.executor.clone(),
             self.registry.clone(),
         );
-        tokio::join!(
-            report_health(self.handle.clone(), report, shutdown.clone()),
-            self.reconcile(shutdown)
-        );
+        let stop = shutdown.clone();
+        let reporting = async {
+            match &self.handle {
+                DeviceHandle::Board(b) => follow_health(b.health(), board_seen, report, stop).await,
+                DeviceHandle::Locks(l) => follow_health(l.health(), lock_seen, report, stop).await,
+            }
+        };
+        tokio::join!(reporting, self.reconcile(shutdown));
     }
 
     async fn reconcile(&self, mut shutdown: watch::Receiver<bool>) {
