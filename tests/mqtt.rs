@@ -658,6 +658,7 @@ async fn signed_commands_good_bad_replayed_forbidden() {
     )
     .await;
     assert_error(&r, "bad_request");
+    assert_eq!(r["request_id"], "s6", "answered by its own request id: {r}");
 
     // Nonces are durable: after a restart the old ones stay spent.
     tg.restart().await;

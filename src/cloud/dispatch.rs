@@ -216,10 +216,11 @@ impl Dispatcher {
         let prefix = format!("unitgate/v1/{}/cmd/", self.site_id);
         let operation = cmd.topic.strip_prefix(&prefix).unwrap_or("").to_owned();
         // The request id is looked for before anything is judged, so even a refused
-        // command is answered where the sender listens.
+        // command is answered where the sender listens. An unsigned command sent to a
+        // gateway that wants signed ones is answered by its own request id too (refused).
         let parsed: Option<Value> = serde_json::from_slice(&cmd.payload).ok();
         let request = match (&self.clients, &parsed) {
-            (Some(_), Some(v)) => v.get("request"),
+            (Some(_), Some(v)) => v.get("request").or(Some(v)),
             (None, Some(v)) => Some(v),
             _ => None,
         };
