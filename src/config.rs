@@ -24,6 +24,8 @@ pub struct Config {
     pub access: AccessConfig,
     /// The link to the cloud platform: MQTT, the HTTPS event uplink, inbound webhooks.
     pub cloud: CloudConfig,
+    /// Prometheus metrics: an optional plain listener besides `GET /metrics` on the API.
+    pub metrics: MetricsConfig,
     /// hw-sim's own section when the site file is shared with the simulator: ignored here.
     #[serde(skip_serializing)]
     pub sim: Option<toml_ignored::Ignored>,
@@ -526,6 +528,9 @@ pub struct ApiConfig {
     pub max_snapshot_bytes: usize,
     /// How long idempotency keys are remembered.
     pub idempotency_ttl_hours: u32,
+    /// The control socket (`unitgate status`): a Unix socket serving a read-only subset of
+    /// the API, guarded by its file mode (0660). Empty = none.
+    pub control_socket: PathBuf,
     /// Bearer tokens.
     pub tokens: Vec<TokenConfig>,
 }
@@ -541,9 +546,41 @@ impl Default for ApiConfig {
             max_body_bytes: 1 << 20,
             max_snapshot_bytes: 64 << 20,
             idempotency_ttl_hours: 48,
+            control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             tokens: Vec::new(),
         }
     }
+}
+
+/// Where the daemon listens for `unitgate status` unless configured (systemd's
+/// `RuntimeDirectory=unitgate` makes the directory).
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/unitgate/control.sock";
+
+/// What is wrong with a control socket path, if anything (empty = disabled, fine).
+fn control_socket_problem(path: &Path) -> Option<String> {
+    let bytes = path.as_os_str().len();
+    if bytes == 0 {
+        return None;
+    }
+    if !path.is_absolute() {
+        return Some(format!(
+            "{:?} must be an absolute path (e.g. {DEFAULT_CONTROL_SOCKET:?}), or \"\" for no control socket",
+            path.display().to_string()
+        ));
+    }
+    // sun_path holds 108 bytes with the terminating NUL.
+    if bytes > 107 {
+        return Some(format!(
+            "is {bytes} bytes long; a Unix socket path may have at most 107"
+        ));
+    }
+    if path.is_dir() {
+        return Some(format!(
+            "{:?} is a directory; name the socket file in it",
+            path.display().to_string()
+        ));
+    }
+    None
 }
 
 /// `[access]`: how the keypads decide, beyond the site's hours.
@@ -714,7 +751,10 @@ impl CloudConfig {
             {
                 p.push((
                     "cloud.https_uplink.url".into(),
-                    format!("{:?} is not an http(s):// URL", u.url),
+                    format!(
+                        "{:?} is not an http(s):// URL",
+                        crate::secret::redact_url(&u.url)
+                    ),
                 ));
             }
             if u.secret_file.as_os_str().is_empty() {
@@ -855,6 +895,15 @@ fn default_uplink_timeout_ms() -> u64 {
     10_000
 }
 
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `IP:PORT` of a plain-HTTP `GET /metrics` without a token, for a local Prometheus;
+    /// empty = off (the API's `/metrics` with a `read` token is always there).
+    pub listen: String,
+}
+
 /// `[log]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -892,12 +941,26 @@ impl std::fmt::Display for ConfigProblem {
 /// Errors loading the configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file or an override does not parse.
-    #[error("cannot load configuration: {0}")]
+    /// The file or an override does not parse. The message gives line and column but not
+    /// the line itself, which may hold a secret (a keypad's `scbk`).
+    #[error("cannot load configuration: {}", without_source_lines(&.0.to_string()))]
     Load(#[from] config::ConfigError),
     /// Values are out of range.
     #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
     Invalid(Vec<ConfigProblem>),
+}
+
+/// A TOML parse error without the quoted source (`  |`, `6 | scbk = ...`, `  |   ^^^`).
+fn without_source_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            let t = t.trim_start_matches(|c: char| c.is_ascii_digit());
+            !t.trim_start().starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Scopes a token may carry.
@@ -1052,11 +1115,8 @@ impl Config {
         if self.api.idempotency_ttl_hours == 0 {
             bad("api.idempotency_ttl_hours", "must be at least 1".into());
         }
-        if self.api.tokens.is_empty() {
-            bad(
-                "api.tokens",
-                "no API tokens: add [[api.tokens]] with name, sha256 and scopes (see `unitgate token`)".into(),
-            );
+        if let Some(m) = control_socket_problem(&self.api.control_socket) {
+            bad("api.control_socket", m);
         }
         for (i, t) in self.api.tokens.iter().enumerate() {
             let key = format!("api.tokens[{i}]");
@@ -1099,6 +1159,15 @@ impl Config {
         for (key, message) in self.cloud.uplink_problems() {
             bad(&key, message);
         }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
+            bad(
+                "metrics.listen",
+                format!(
+                    "{:?} is not IP:PORT (e.g. \"127.0.0.1:9464\"; empty = off)",
+                    self.metrics.listen
+                ),
+            );
+        }
         if !["auto", "human", "json"].contains(&self.log.format.as_str()) {
             bad(
                 "log.format",
@@ -1117,6 +1186,20 @@ impl Config {
             );
         }
         if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// What is valid but probably not meant: shown by `check-config`, logged at start.
+    pub fn warnings(&self) -> Vec<ConfigProblem> {
+        let mut w = Vec::new();
+        // Accepted so that a package can install a config with no credential in it: the API
+        // then refuses every request (401) until a token is added and the daemon reloaded.
+        if self.api.tokens.is_empty() {
+            w.push(ConfigProblem {
+                key: "api.tokens".into(),
+                message: "no API tokens: the API refuses every request; add [[api.tokens]] with name, sha256 and scopes (see `unitgate token`)".into(),
+            });
+        }
+        w
     }
 
     /// The site timezone (valid after `validate`).

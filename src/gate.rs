@@ -35,6 +35,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
+use tracing::Instrument;
 
 /// A keypad as the controller knows it.
 #[derive(Debug)]
@@ -99,6 +100,9 @@ impl GateController {
         boards: BTreeMap<String, RelayBoard>,
     ) -> GateController {
         let executor_for_events = executor.clone();
+        for k in &cfg.devices.keypads {
+            executor.metrics().keypad(&k.id);
+        }
         let gates = cfg
             .devices
             .keypads
@@ -228,7 +232,8 @@ impl GateController {
             };
             let now = Instant::now();
             if let KeyOutcome::Submitted(pin) = g.entry.press(now, key) {
-                self.submit(&press.keypad, pin, now).await;
+                let span = crate::logging::device_span(&press.keypad, "gate");
+                self.submit(&press.keypad, pin, now).instrument(span).await;
             }
         }
     }
@@ -276,6 +281,11 @@ impl GateController {
             Decision::Denied { .. } => {}
         }
         let (strike, pulse) = (g.strike.clone(), g.pulse);
+        let refused = match &decision {
+            Decision::Granted { .. } => None,
+            Decision::Denied { reason, .. } => Some(*reason),
+        };
+        self.executor.metrics().keypad_decision(keypad, refused);
         self.act(keypad, strike, pulse, &decision);
         let mut data = match &decision {
             Decision::Granted { contact_id, units } => json!({
@@ -319,7 +329,7 @@ impl GateController {
             && let Some(b) = self.boards.get(&c.board)
         {
             let (b, coil) = (b.clone(), c.coil);
-            tokio::spawn(async move {
+            let pulse_task = async move {
                 if let Err(e) = b.write_coil(coil, true).await {
                     tracing::error!(board = %b.id(), coil, error = %e, "cannot open the gate");
                     return;
@@ -335,7 +345,8 @@ impl GateController {
                         }
                     }
                 }
-            });
+            };
+            tokio::spawn(pulse_task.in_current_span());
         }
         if let Some(k) = self.keypads.get(keypad) {
             let k = k.clone();
@@ -351,7 +362,7 @@ impl GateController {
                     text.clone(),
                 ),
             };
-            tokio::spawn(async move {
+            let feedback = async move {
                 let mut text = Text::new(text);
                 text.temporary = Some(Duration::from_secs(5));
                 for r in [k.led(led).await, k.buzzer(buzzer).await, k.text(text).await] {
@@ -359,7 +370,8 @@ impl GateController {
                         tracing::debug!(keypad = %k.id(), error = %e, "keypad feedback not shown");
                     }
                 }
-            });
+            };
+            tokio::spawn(feedback.in_current_span());
         }
     }
 

@@ -9,6 +9,7 @@ use crate::devices::osdp::{self, KeyPress, OsdpOptions};
 use crate::devices::smartlock::{DriverSettings, LockDriver, ReferenceProvider};
 use crate::domain::pin::PinKey;
 use crate::gate::GateController;
+use crate::logging::device_span;
 use crate::reconcile::{
     DeviceHandle, DeviceKind, DeviceRegistry, HealthReport, Reconciler, Seen, follow_health,
 };
@@ -21,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 /// Errors starting the gateway.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,12 @@ pub enum GatewayError {
     /// A cloud link (uplink, webhooks, MQTT) cannot be set up from the config.
     #[error("cloud: {0}")]
     Cloud(String),
+    /// The control socket cannot be set up (or another daemon answers on it).
+    #[error("{0}")]
+    Control(#[from] crate::api::control::ControlError),
+    /// Another process (a running daemon, a restore or a migrate) holds the data directory.
+    #[error("{0}")]
+    DataDirLocked(#[from] crate::ops::lock::LockError),
 }
 
 /// A running gateway.
@@ -67,11 +75,34 @@ pub struct Gateway {
     pub automation: AutomationHandle,
     /// The cloud links' state (`GET /v1/status`).
     pub links: crate::cloud::Links,
+    /// Where the plain `[metrics] listen` listener is, when configured.
+    pub metrics_addr: Option<SocketAddr>,
+    /// The API's bearer tokens (shared with the router; a SIGHUP reload swaps them).
+    pub tokens: Tokens,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<std::io::Result<()>>,
     hardware_stop: watch::Sender<bool>,
     hardware: Vec<JoinHandle<()>>,
+    /// The device drivers, reconcilers and gate controller: restarted on their own when a
+    /// reload changes `[devices]`, `[access]` or the site's hours.
+    devices_stop: watch::Sender<bool>,
+    device_tasks: Vec<JoinHandle<()>>,
+    pin_key: PinKey,
+    committed: Arc<Notify>,
+    /// The control socket server (`unitgate status`), when configured.
+    control: Option<crate::api::control::ControlServer>,
+    /// Held while running: one process per replica (see [`crate::ops::lock`]).
+    data_lock: crate::ops::lock::DataDirLock,
 }
+
+/// How long [`Gateway::stop`] waits in all: in-flight HTTP requests get up to
+/// [`HTTP_DRAIN`], then the device, cloud and automation tasks the rest. Below the unit's
+/// `TimeoutStopSec=30`, so systemd never has to SIGKILL a draining gateway.
+pub const STOP_GRACE: Duration = Duration::from_secs(20);
+
+/// How long in-flight HTTP requests may take to finish after a stop; a request still
+/// running then is cut off unanswered (never acknowledged).
+pub const HTTP_DRAIN: Duration = Duration::from_secs(10);
 
 /// Reads the PIN key, creating it (0600, 32 random bytes) on first start.
 pub fn load_pin_key(path: &Path) -> Result<PinKey, GatewayError> {
@@ -103,6 +134,17 @@ pub fn load_pin_key(path: &Path) -> Result<PinKey, GatewayError> {
     }
 }
 
+/// The site settings as the site row stores them (the automations read them from there).
+pub fn site_settings(site: &crate::config::SiteConfig) -> serde_json::Value {
+    serde_json::json!({
+        "access_hours": site.access_hours,
+        "auto_occupy": site.auto_occupy,
+        "auto_occupy_at": site.auto_occupy_at,
+        "auto_deallocate": site.auto_deallocate,
+        "auto_overlock": site.auto_overlock,
+    })
+}
+
 /// Opens the replica for the configured site (blocking work runs off the runtime).
 pub async fn open_store(cfg: &Config, clock: &Clock) -> Result<Store, GatewayError> {
     let db = cfg.store.db_path();
@@ -113,13 +155,7 @@ pub async fn open_store(cfg: &Config, clock: &Clock) -> Result<Store, GatewayErr
     })
     .await
     .map_err(|_| StoreError::Closed)??;
-    let settings = serde_json::json!({
-        "access_hours": cfg.site.access_hours,
-        "auto_occupy": cfg.site.auto_occupy,
-        "auto_occupy_at": cfg.site.auto_occupy_at,
-        "auto_deallocate": cfg.site.auto_deallocate,
-        "auto_overlock": cfg.site.auto_overlock,
-    });
+    let settings = site_settings(&cfg.site);
     let (id, name, tz, now) = (
         cfg.site.id.clone(),
         cfg.site.name.clone(),
@@ -142,9 +178,9 @@ fn start_hardware(
     pin_key: PinKey,
     committed: Arc<Notify>,
     shutdown: watch::Receiver<bool>,
-) -> Result<(DeviceRegistry, Vec<JoinHandle<()>>), GatewayError> {
+    registry: &DeviceRegistry,
+) -> Result<Vec<JoinHandle<()>>, GatewayError> {
     const DISABLED: &str = "disabled in the configuration (enabled = false)";
-    let registry = DeviceRegistry::default();
     let disabled = |id: &str, kind: DeviceKind, zone: Option<String>| {
         registry.add(id, kind, zone);
         registry.set_health(id, false, Some(DISABLED.into()));
@@ -166,7 +202,8 @@ fn start_hardware(
     if !relay_boards.is_empty() {
         let built = RelayBoards::new(&relay_boards, input_tx).map_err(|e| devices_err(&e))?;
         for link in built.links {
-            tasks.push(tokio::spawn(link.run(shutdown.clone())));
+            let span = device_span(&link.board_ids().join(","), "relay_board");
+            tasks.push(tokio::spawn(link.run(shutdown.clone()).instrument(span)));
         }
         boards = built.boards;
     }
@@ -188,7 +225,8 @@ fn start_hardware(
                 ..DriverSettings::default()
             };
             let (driver, handle) = LockDriver::new(&l.id, provider, settings);
-            tasks.push(tokio::spawn(driver.run(shutdown.clone())));
+            let span = device_span(&l.id, "lock_api");
+            tasks.push(tokio::spawn(driver.run(shutdown.clone()).instrument(span)));
             registry.add(&l.id, DeviceKind::LockApi, None);
             handles.push(DeviceHandle::Locks(handle));
         }
@@ -234,17 +272,19 @@ fn start_hardware(
             registry.clone(),
         );
         let seen = |h: &osdp::KeypadHealth| Seen::from_flag(h.online, h.last_error.clone());
-        tasks.push(tokio::spawn(follow_health(
-            pad.health(),
-            seen,
-            report,
-            shutdown.clone(),
-        )));
+        tasks.push(tokio::spawn(
+            follow_health(pad.health(), seen, report, shutdown.clone())
+                .instrument(device_span(&k.id, "keypad")),
+        ));
     }
     let gate = GateController::new(cfg, executor.clone(), pin_key, pads, boards);
     tasks.push(tokio::spawn(gate.run(keys, inputs, shutdown.clone())));
 
     for h in handles {
+        let span = match &h {
+            DeviceHandle::Board(b) => device_span(b.id(), "relay_board"),
+            DeviceHandle::Locks(l) => device_span(l.id(), "lock_api"),
+        };
         let r = Reconciler::new(
             h,
             executor.clone(),
@@ -252,14 +292,33 @@ fn start_hardware(
             registry.clone(),
             period,
         );
-        tasks.push(tokio::spawn(r.run(shutdown.clone())));
+        tasks.push(tokio::spawn(r.run(shutdown.clone()).instrument(span)));
     }
-    Ok((registry, tasks))
+    Ok(tasks)
+}
+
+/// Waits for `tasks` until `deadline`; those still running then are aborted.
+async fn join_until(tasks: Vec<JoinHandle<()>>, deadline: tokio::time::Instant) {
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let all = async {
+        for t in tasks {
+            let _ = t.await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, all).await.is_err() {
+        tracing::warn!("some tasks did not stop within the grace period; abandoned");
+        for a in aborts {
+            a.abort();
+        }
+    }
 }
 
 impl Gateway {
     /// Starts everything for a validated config; the API listens before this returns.
     pub async fn start(cfg: &Config, clock: Clock) -> Result<Gateway, GatewayError> {
+        for w in cfg.warnings() {
+            tracing::warn!(key = %w.key, "{}", w.message);
+        }
         // Certificate problems surface before anything is opened or bound. Reading a few
         // small PEM files once at start is fine on the runtime thread.
         let tls = if cfg.api.plain_http {
@@ -277,6 +336,8 @@ impl Gateway {
             .await
             .map_err(|_| StoreError::Closed)??
         };
+        // Before the replica is opened: `restore`/`migrate` hold this lock while they work.
+        let data_lock = crate::ops::lock::DataDirLock::acquire(&cfg.store.data_dir)?;
         let store = open_store(cfg, &clock).await?;
         let committed = Arc::new(Notify::new());
         let pin_key_for_gates = pin_key.clone();
@@ -299,15 +360,18 @@ impl Gateway {
         )
         .with_commit_notify(committed.clone());
         let (scheduler, automation) = Scheduler::new(executor.clone(), committed.clone());
-        let (hardware_stop, hw_shutdown) = watch::channel(false);
-        let (devices, hardware) = start_hardware(
+        let (hardware_stop, _) = watch::channel(false);
+        let (devices_stop, devices_shutdown) = watch::channel(false);
+        let devices = DeviceRegistry::default();
+        let device_tasks = start_hardware(
             cfg,
             &executor,
-            pin_key_for_gates,
+            pin_key_for_gates.clone(),
             committed.clone(),
-            hw_shutdown,
+            devices_shutdown,
+            &devices,
         )?;
-        let mut hardware = hardware;
+        let mut hardware = Vec::new();
         hardware.push(tokio::spawn(scheduler.run(hardware_stop.subscribe())));
         let links = crate::cloud::Links::default();
         let cloud_err = |e: &dyn std::fmt::Display| GatewayError::Cloud(e.to_string());
@@ -339,9 +403,10 @@ impl Gateway {
             max_body_bytes: cfg.api.max_body_bytes,
             max_snapshot_bytes: cfg.api.max_snapshot_bytes,
         };
+        let tokens = Tokens::from_config(&cfg.api.tokens);
         let router = http::router_with_cloud(
             executor.clone(),
-            Tokens::from_config(&cfg.api.tokens),
+            tokens.clone(),
             limits,
             devices.clone(),
             http::Cloud {
@@ -383,6 +448,36 @@ impl Gateway {
             )
             .run(hardware_stop.subscribe()),
         ));
+        let control = if cfg.api.control_socket.as_os_str().is_empty() {
+            None
+        } else {
+            crate::api::control::ControlServer::start(&cfg.api.control_socket, router.clone())
+                .await?
+        };
+        let metrics_addr = if cfg.metrics.listen.is_empty() {
+            None
+        } else {
+            let listen_err = |source| GatewayError::Listen {
+                addr: cfg.metrics.listen.clone(),
+                source,
+            };
+            let l = tokio::net::TcpListener::bind(&cfg.metrics.listen)
+                .await
+                .map_err(listen_err)?;
+            let at = l.local_addr().map_err(listen_err)?;
+            let scrape = crate::metrics::Scrape {
+                executor: executor.clone(),
+                devices: devices.clone(),
+                links: links.clone(),
+            };
+            hardware.push(tokio::spawn(crate::metrics::serve(
+                l,
+                scrape,
+                hardware_stop.subscribe(),
+            )));
+            tracing::info!(addr = %at, "metrics listening (no token: keep it on loopback or a management network)");
+            Some(at)
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let tls_on = tls.is_some();
         let shutdown = async {
@@ -409,34 +504,87 @@ impl Gateway {
             devices,
             automation,
             links,
+            metrics_addr,
+            tokens,
             stop: Some(stop),
             server,
             hardware_stop,
             hardware,
+            devices_stop,
+            device_tasks,
+            pin_key: pin_key_for_gates,
+            committed,
+            control,
+            data_lock,
         })
     }
 
-    /// Stops accepting, lets in-flight requests finish, and closes the store.
+    /// Stops the device drivers, reconcilers and gate controller and starts them again from
+    /// `cfg` (a reloaded, validated config): new `[devices]`, `[access]` and site hours.
+    /// Queued device commands stay in the outbox meanwhile. On an error the devices are
+    /// left stopped; the caller restarts them with the previous config.
+    pub async fn restart_devices(&mut self, cfg: &Config) -> Result<(), GatewayError> {
+        let _ = self.devices_stop.send(true);
+        // Serial ports are exclusive: the old drivers must have let go before new ones open.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        join_until(std::mem::take(&mut self.device_tasks), deadline).await;
+        self.devices.clear();
+        let (stop, shutdown) = watch::channel(false);
+        self.devices_stop = stop;
+        self.executor.set_catalog(Arc::new(
+            crate::domain::catalog::DeviceCatalog::from_config(&cfg.devices),
+        ));
+        match start_hardware(
+            cfg,
+            &self.executor,
+            self.pin_key.clone(),
+            self.committed.clone(),
+            shutdown,
+            &self.devices,
+        ) {
+            Ok(tasks) => {
+                self.device_tasks = tasks;
+                self.committed.notify_waiters();
+                Ok(())
+            }
+            Err(e) => {
+                // Whatever was spawned before the failure stops again.
+                let _ = self.devices_stop.send(true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops accepting, lets in-flight requests finish (each answered only after its change
+    /// is committed), stops every other task, and closes the store, all within
+    /// [`STOP_GRACE`].
     pub async fn stop(mut self) {
+        let started = tokio::time::Instant::now();
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        let _ = (&mut self.server).await;
-        let _ = self.hardware_stop.send(true);
-        for task in self.hardware.drain(..) {
-            // Every driver and reconciler ends its current I/O within its timeout; a task
-            // stuck longer is abandoned.
-            let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(10), task)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
+        if let Some(c) = self.control.take() {
+            c.stop().await;
         }
+        if tokio::time::timeout(HTTP_DRAIN, &mut self.server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("HTTP requests still running after {HTTP_DRAIN:?}; cut off unanswered");
+            self.server.abort();
+        }
+        let _ = self.hardware_stop.send(true);
+        let _ = self.devices_stop.send(true);
+        // Every driver and reconciler ends its current I/O within its timeout; a task
+        // stuck past the grace period is abandoned.
+        let mut tasks = std::mem::take(&mut self.hardware);
+        tasks.append(&mut self.device_tasks);
+        join_until(tasks, started + STOP_GRACE).await;
         let executor = self.executor;
         // The last store handle closes the writer thread after its final commit.
         let _ = tokio::task::spawn_blocking(move || drop(executor)).await;
+        // Only now may a restore or migrate (or the next daemon) take the replica.
+        drop(self.data_lock);
     }
 
     /// Resolves when the server ends on its own (an error), or never.

@@ -18,6 +18,12 @@
 //! - [`automation`]: the scheduler running auto move-in and auto deallocate when due.
 //! - [`gateway`]: starts and stops the parts in order.
 //! - [`demo`]: the demo site.
+//! - [`ops`]: `status`, `backup`, `restore`, `migrate` beside the daemon; the data-directory lock.
+//! - [`service`]: `unitgate run` under systemd: readiness, watchdog, signals, graceful stop.
+//! - [`reload`]: SIGHUP: re-reads the config and applies what can change while running.
+//! - [`logging`]: the tracing subscriber (human or JSON lines) and per-device spans.
+//! - [`secret`]: secrets read from files, never printed.
+//! - [`metrics`]: Prometheus text for `GET /metrics`.
 
 pub mod api;
 pub mod automation;
@@ -29,6 +35,12 @@ pub mod devices;
 pub mod domain;
 pub mod gate;
 pub mod gateway;
+pub mod logging;
+pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod reconcile;
+pub mod reload;
+pub mod secret;
+pub mod service;
 pub mod store;

@@ -2,7 +2,6 @@
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use unitgate::api::http::auth::token_hash_hex;
 use unitgate::command::system_clock;
@@ -68,27 +67,81 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "admin")]
         scopes: Vec<String>,
     },
+    /// Ask the running daemon (over its control socket) for links, backlog and devices.
+    /// Exit 0 running, 3 not running, 4 cannot tell.
+    Status {
+        /// Configuration file (for `api.control_socket`).
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/unitgate/config.toml",
+            env = "UNITGATE_CONFIG"
+        )]
+        config: PathBuf,
+        /// The control socket (instead of the one the config names).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the daemon's answers as JSON: {"status": ..., "devices": [...]}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Copy the replica to FILE, consistently, while the daemon runs (SQLite online backup).
+    Backup {
+        /// The backup file to write.
+        file: PathBuf,
+        /// Configuration file (for `store.data_dir`).
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/unitgate/config.toml",
+            env = "UNITGATE_CONFIG"
+        )]
+        config: PathBuf,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Replace the replica with a checked backup; the daemon must be stopped. The current
+    /// replica is kept as <db>.before-restore-<timestamp>.
+    Restore {
+        /// The backup file to restore.
+        file: PathBuf,
+        /// Configuration file (for `store.data_dir` and `site.id`).
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/unitgate/config.toml",
+            env = "UNITGATE_CONFIG"
+        )]
+        config: PathBuf,
+        /// Restore a backup of another site.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Apply pending schema migrations to the replica (the daemon must be stopped).
+    Migrate {
+        /// Configuration file (for `store.data_dir`).
+        #[arg(
+            long,
+            short,
+            default_value = "/etc/unitgate/config.toml",
+            env = "UNITGATE_CONFIG"
+        )]
+        config: PathBuf,
+    },
     /// Print the version.
     Version,
 }
 
-fn init_logging(level: &str, format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = match format {
-        "json" => true,
-        "human" => false,
-        _ => !std::io::stderr().is_terminal(),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().flatten_event(true).init();
-    } else {
-        builder.init();
+/// The config an ops command reads: only its paths and site id matter, so a config that
+/// fails validation for another reason still serves.
+fn ops_config(path: &std::path::Path) -> Result<Config> {
+    let cfg =
+        Config::load_unchecked(Some(path)).with_context(|| format!("config {}", path.display()))?;
+    if cfg.store.data_dir.as_os_str().is_empty() {
+        anyhow::bail!("config {}: store.data_dir is not set", path.display());
     }
+    Ok(cfg)
 }
 
 fn new_token() -> String {
@@ -96,47 +149,9 @@ fn new_token() -> String {
     format!("ug_{}", hex::encode(bytes))
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-/// SIGHUP makes the automation scheduler look again now (e.g. after NTP set the clock).
-fn kick_automations_on_sighup(automation: unitgate::automation::AutomationHandle) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut hup) = signal(SignalKind::hangup()) {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: checking automations now");
-                    automation.kick();
-                }
-            });
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = automation;
-}
-
-async fn run_until_signal(mut gw: Gateway) -> Result<()> {
-    kick_automations_on_sighup(gw.automation.clone());
-    tokio::select! {
-        r = gw.wait() => r.context("the API server stopped")?,
-        _ = shutdown_signal() => tracing::info!("shutting down"),
-    }
-    gw.stop().await;
-    Ok(())
+/// Serves until SIGTERM/SIGINT (SIGHUP kicks the automation scheduler), then stops.
+async fn run_until_signal(gw: Gateway) -> Result<()> {
+    Ok(unitgate::service::run(gw, None, false).await?)
 }
 
 #[tokio::main]
@@ -146,9 +161,10 @@ async fn main() -> Result<()> {
         Cmd::Run { config } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("config {}", config.display()))?;
-            init_logging(&cfg.log.level, &cfg.log.format);
+            unitgate::logging::init(&cfg.log.level, &cfg.log.format);
             let gw = Gateway::start(&cfg, system_clock()).await?;
-            run_until_signal(gw).await
+            let reloader = unitgate::reload::Reloader::new(config, cfg.clone());
+            Ok(unitgate::service::run(gw, Some(reloader), !cfg.api.plain_http).await?)
         }
         Cmd::Demo {
             listen,
@@ -158,7 +174,7 @@ async fn main() -> Result<()> {
             mqtt_listen,
         } => {
             let mut cfg = Config::from_toml(unitgate::demo::DEMO_CONFIG)?;
-            init_logging(&cfg.log.level, &cfg.log.format);
+            unitgate::logging::init(&cfg.log.level, &cfg.log.format);
             let token = token.unwrap_or_else(new_token);
             let _temp;
             cfg.store.data_dir = match data_dir {
@@ -173,6 +189,13 @@ async fn main() -> Result<()> {
                 }
             };
             cfg.api.listen = listen;
+            // Its own control socket, so a demo never collides with an installed daemon.
+            let sock = cfg.store.data_dir.join("control.sock");
+            cfg.api.control_socket = if sock.as_os_str().len() <= 107 {
+                sock
+            } else {
+                PathBuf::new()
+            };
             cfg.api.tokens = vec![TokenConfig {
                 name: "demo-admin".into(),
                 sha256: token_hash_hex(&token),
@@ -215,6 +238,12 @@ async fn main() -> Result<()> {
             );
             println!("  API:      {url}/v1   (OpenAPI: {url}/openapi.json)");
             println!("  data dir: {}", cfg.store.data_dir.display());
+            if !cfg.api.control_socket.as_os_str().is_empty() {
+                println!(
+                    "  status:   unitgate status --socket {}",
+                    cfg.api.control_socket.display()
+                );
+            }
             println!("  token:    {token}");
             #[cfg(feature = "demo-sim")]
             println!(
@@ -264,6 +293,9 @@ async fn main() -> Result<()> {
             {
                 problems.push(e.to_string());
             }
+            for w in cfg.warnings() {
+                eprintln!("{}: warning: {w}", config.display());
+            }
             if problems.is_empty() {
                 println!("{}: ok", config.display());
                 return Ok(());
@@ -280,6 +312,111 @@ async fn main() -> Result<()> {
                 "config entry:\n[[api.tokens]]\nname = {name:?}\nsha256 = \"{}\"\nscopes = {scopes:?}",
                 token_hash_hex(&token)
             );
+            Ok(())
+        }
+        Cmd::Status {
+            config,
+            socket,
+            json,
+        } => {
+            use unitgate::ops::{EXIT_OK, EXIT_UNKNOWN, status};
+            let socket = match socket {
+                Some(s) => s,
+                None => match Config::load_unchecked(Some(&config)) {
+                    Ok(c) if !c.api.control_socket.as_os_str().is_empty() => c.api.control_socket,
+                    Ok(_) => {
+                        eprintln!(
+                            "{}: api.control_socket is \"\" (no control socket); pass --socket PATH",
+                            config.display()
+                        );
+                        std::process::exit(EXIT_UNKNOWN);
+                    }
+                    Err(e) => {
+                        eprintln!("{}: {e}; or pass --socket PATH", config.display());
+                        std::process::exit(EXIT_UNKNOWN);
+                    }
+                },
+            };
+            match status::fetch(&socket).await {
+                Ok(report) if json => {
+                    println!("{}", serde_json::to_string_pretty(&report.to_json())?)
+                }
+                Ok(report) => print!("{}", status::render(&report, chrono::Utc::now())),
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(e.exit_code());
+                }
+            }
+            std::process::exit(EXIT_OK);
+        }
+        Cmd::Backup {
+            file,
+            config,
+            force,
+        } => {
+            let cfg = ops_config(&config)?;
+            let db = cfg.store.db_path();
+            let info = tokio::task::spawn_blocking(move || {
+                unitgate::ops::backup::backup(&db, &file, force).map(|i| (file, i))
+            })
+            .await?;
+            let (file, info) = info?;
+            println!(
+                "backup {}: {} bytes, schema version {}, site {}, last event seq {}, integrity ok",
+                file.display(),
+                info.bytes,
+                info.schema_version,
+                info.site_id.as_deref().unwrap_or("-"),
+                info.last_seq
+            );
+            Ok(())
+        }
+        Cmd::Restore {
+            file,
+            config,
+            force,
+        } => {
+            let cfg = ops_config(&config)?;
+            let answers = unitgate::ops::daemon_answers(&cfg.api.control_socket).await;
+            let restored = tokio::task::spawn_blocking(move || {
+                unitgate::ops::backup::restore(
+                    &file,
+                    &cfg.store.db_path(),
+                    &cfg.store.data_dir,
+                    &cfg.site.id,
+                    force,
+                    answers,
+                    chrono::Utc::now(),
+                )
+                .map(|r| (r, cfg.store.db_path()))
+            })
+            .await?;
+            let (r, db) = restored?;
+            if let Some(kept) = &r.kept {
+                println!("kept the previous replica as {}", kept.display());
+            }
+            println!(
+                "restored {}: schema version {}, site {}, last event seq {}; start the daemon",
+                db.display(),
+                r.info.schema_version,
+                r.info.site_id.as_deref().unwrap_or("-"),
+                r.info.last_seq
+            );
+            Ok(())
+        }
+        Cmd::Migrate { config } => {
+            let cfg = ops_config(&config)?;
+            let db = cfg.store.db_path();
+            let shown = db.display().to_string();
+            let m = tokio::task::spawn_blocking(move || {
+                unitgate::ops::migrate::migrate(&db, &cfg.store.data_dir)
+            })
+            .await??;
+            if m.from == m.to {
+                println!("{shown}: schema version {} (up to date)", m.to);
+            } else {
+                println!("{shown}: schema version {} -> {}", m.from, m.to);
+            }
             Ok(())
         }
         Cmd::Version => {

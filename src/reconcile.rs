@@ -82,6 +82,14 @@ impl DeviceRegistry {
         });
     }
 
+    /// Forgets every device (the hardware is being restarted with a reloaded config).
+    pub fn clear(&self) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// Records a device's health.
     pub fn set_health(&self, id: &str, online: bool, last_error: Option<String>) {
         let mut list = self.0.write().unwrap_or_else(PoisonError::into_inner);

@@ -80,3 +80,24 @@ fn bad_values_name_their_keys_and_unknown_keys_fail() {
     assert_eq!(code, 1);
     assert!(err.contains("lisen"), "{err}");
 }
+
+#[test]
+fn the_packaged_config_passes_with_no_credentials_and_a_warning() {
+    // packaging/config.toml becomes /etc/unitgate/config.toml: valid with no token in it,
+    // and check-config says the API refuses everything until one is added.
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/config.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.trim_start().starts_with("[[api.tokens]]")),
+        "a token entry is packaged"
+    );
+    let (code, out, err) = unitgate(&["check-config", "--config", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.ends_with(": ok\n"), "{out}");
+    assert!(
+        err.contains("warning: api.tokens: no API tokens"),
+        "no warning in:\n{err}"
+    );
+}

@@ -11,10 +11,11 @@
 //! every second (events written outside commands, e.g. access and device events).
 
 use super::Links;
-use super::webhooks::{SIGNATURE_HEADER, read_secret, sign};
+use super::webhooks::{SIGNATURE_HEADER, sign};
 use crate::command::Executor;
 use crate::config::HttpsUplinkConfig;
 use crate::domain::Event;
+use crate::secret::{Secret, SecretFileError, read_secret_file};
 use crate::store::{StoreError, cloud, events};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,13 +28,8 @@ pub const NAME: &str = "https";
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     /// The secret file cannot be used.
-    #[error("cloud.https_uplink.secret_file {path}: {message}")]
-    Secret {
-        /// The file.
-        path: String,
-        /// What is wrong.
-        message: String,
-    },
+    #[error("cloud.https_uplink.secret_file {0}")]
+    Secret(#[from] SecretFileError),
     /// The HTTP client cannot be built.
     #[error("cloud.https_uplink: {0}")]
     Client(String),
@@ -110,7 +106,7 @@ pub fn parse_retry_after(v: &str, now: chrono::DateTime<chrono::Utc>) -> Option<
 /// The HTTPS uplink task.
 pub struct HttpsUplink {
     url: String,
-    secret: Arc<[u8]>,
+    secret: Secret,
     batch: u32,
     client: reqwest::Client,
     executor: Executor,
@@ -126,10 +122,7 @@ impl HttpsUplink {
         links: Links,
         committed: Arc<Notify>,
     ) -> Result<Self, UplinkError> {
-        let secret = read_secret(&cfg.secret_file).map_err(|message| UplinkError::Secret {
-            path: cfg.secret_file.display().to_string(),
-            message,
-        })?;
+        let secret = read_secret_file(&cfg.secret_file)?;
         let client = reqwest::Client::builder()
             .timeout(Duration::from_millis(cfg.timeout_ms))
             .connect_timeout(Duration::from_millis(cfg.timeout_ms.min(10_000)))
@@ -139,7 +132,7 @@ impl HttpsUplink {
         links.add(NAME);
         Ok(HttpsUplink {
             url: cfg.url.clone(),
-            secret: secret.into(),
+            secret,
             batch: cfg.batch.max(1),
             client,
             executor,
@@ -160,7 +153,7 @@ impl HttpsUplink {
             .client
             .post(&self.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(SIGNATURE_HEADER, sign(&self.secret, t, &body))
+            .header(SIGNATURE_HEADER, sign(self.secret.expose(), t, &body))
             .body(body)
             .send()
             .await;

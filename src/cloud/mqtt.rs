@@ -73,20 +73,27 @@ pub struct Endpoint {
 
 /// Parses `mqtt://host[:port]` (1883) or `mqtts://host[:port]` (8883).
 pub fn parse_url(url: &str) -> Result<Endpoint, MqttError> {
+    // Every message below quotes the URL: never with credentials in it.
+    let shown = crate::secret::redact_url(url);
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("mqtt://") {
         (false, r)
     } else {
         return Err(MqttError::Url(format!(
-            "{url:?} must start with mqtt:// or mqtts://"
+            "{shown:?} must start with mqtt:// or mqtts://"
         )));
     };
     let rest = rest.trim_end_matches('/');
+    if rest.contains('@') {
+        return Err(MqttError::Url(format!(
+            "{shown:?} must not carry credentials (use username and password_file)"
+        )));
+    }
     let (host, port) = match rest.strip_prefix('[') {
         Some(r) => match r.split_once(']') {
             Some((h, after)) => (h, after.strip_prefix(':')),
-            None => return Err(MqttError::Url(format!("{url:?}: unclosed ["))),
+            None => return Err(MqttError::Url(format!("{shown:?}: unclosed ["))),
         },
         None => match rest.rsplit_once(':') {
             Some((h, p)) => (h, Some(p)),
@@ -96,7 +103,7 @@ pub fn parse_url(url: &str) -> Result<Endpoint, MqttError> {
     let port = match port {
         Some(p) => p
             .parse::<u16>()
-            .map_err(|_| MqttError::Url(format!("{url:?}: bad port {p:?}")))?,
+            .map_err(|_| MqttError::Url(format!("{shown:?}: bad port {p:?}")))?,
         None => {
             if tls {
                 8883
@@ -106,7 +113,7 @@ pub fn parse_url(url: &str) -> Result<Endpoint, MqttError> {
         }
     };
     if host.is_empty() || host.contains('/') {
-        return Err(MqttError::Url(format!("{url:?}: no host")));
+        return Err(MqttError::Url(format!("{shown:?}: no host")));
     }
     Ok(Endpoint {
         host: host.to_owned(),
@@ -401,13 +408,16 @@ fn connect_options(
     let password = if cfg.password_file.as_os_str().is_empty() {
         String::new()
     } else {
-        let p = std::fs::read_to_string(&cfg.password_file).map_err(|e| {
-            MqttError::File(format!(
-                "cloud.mqtt.password_file: cannot read {}: {e}",
-                cfg.password_file.display()
-            ))
-        })?;
-        p.trim_end_matches(['\r', '\n']).to_owned()
+        let p = crate::secret::read_secret_file(&cfg.password_file)
+            .map_err(|e| MqttError::File(format!("cloud.mqtt.password_file: {e}")))?;
+        p.expose_str()
+            .ok_or_else(|| {
+                MqttError::File(format!(
+                    "cloud.mqtt.password_file: {} is not UTF-8 text",
+                    cfg.password_file.display()
+                ))
+            })?
+            .to_owned()
     };
     let transport = if ep.tls {
         Some(Transport::tls_with_config(TlsConfiguration::Rustls(

@@ -7,6 +7,7 @@
 //! (`store::cloud::take_nonce`), so a replay is refused even after a restart.
 
 use crate::config::MqttClientConfig;
+use crate::secret::{Secret, read_secret_file};
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -19,15 +20,13 @@ pub const MIN_KEY_BYTES: usize = 32;
 /// A cloud client's key could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
-    /// The key file cannot be read.
-    #[error("cloud.mqtt.clients {id}: cannot read key_file {path}: {source}")]
+    /// The key file cannot be read or is empty.
+    #[error("cloud.mqtt.clients {id}: key_file {source}")]
     Read {
         /// Client id.
         id: String,
-        /// The file.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause (names the file).
+        source: crate::secret::SecretFileError,
     },
     /// The key is too short.
     #[error(
@@ -63,7 +62,7 @@ pub enum SignatureError {
 }
 
 struct CloudClient {
-    key: Vec<u8>,
+    key: Secret,
     operations: Vec<String>,
 }
 
@@ -119,20 +118,18 @@ fn feed(mac: &mut Hmac<Sha256>, operation: &str, nonce: i64, request: &[u8]) {
 }
 
 impl CloudClients {
-    /// Reads every client's key file.
+    /// Reads every client's key file (one trailing newline is not part of the key).
     pub fn load(clients: &[MqttClientConfig]) -> Result<Self, KeyError> {
         let mut out = HashMap::new();
         for c in clients {
-            let path = c.key_file.display().to_string();
-            let key = std::fs::read(&c.key_file).map_err(|source| KeyError::Read {
+            let key = read_secret_file(&c.key_file).map_err(|source| KeyError::Read {
                 id: c.id.clone(),
-                path: path.clone(),
                 source,
             })?;
             if key.len() < MIN_KEY_BYTES {
                 return Err(KeyError::Short {
                     id: c.id.clone(),
-                    path,
+                    path: c.key_file.display().to_string(),
                     len: key.len(),
                 });
             }
@@ -152,7 +149,10 @@ impl CloudClients {
         CloudClients(
             clients
                 .into_iter()
-                .map(|(id, key, operations)| (id, CloudClient { key, operations }))
+                .map(|(id, key, operations)| {
+                    let key = Secret::new(key);
+                    (id, CloudClient { key, operations })
+                })
                 .collect(),
         )
     }
@@ -170,7 +170,7 @@ impl CloudClients {
             .0
             .get(&env.client_id)
             .ok_or(SignatureError::Unauthorized)?;
-        let mut mac = new_mac(&client.key);
+        let mut mac = new_mac(client.key.expose());
         feed(&mut mac, operation, env.nonce, env.request.get().as_bytes());
         mac.verify_slice(&mac_bytes)
             .map_err(|_| SignatureError::Unauthorized)?;
@@ -224,6 +224,27 @@ mod tests {
         assert!(clients().verify("reserve", &other).is_err());
         let other = envelope("cloud", 7, &mac, &req.replace("t\"", "u\""));
         assert!(clients().verify("reserve", &other).is_err());
+    }
+
+    #[test]
+    fn a_trailing_newline_in_the_key_file_is_not_part_of_the_key() {
+        // `echo KEY > file` adds one; the cloud signs with the key alone (found by interop).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cloud.key");
+        std::fs::write(&path, [KEY, b"\n"].concat()).unwrap();
+        let loaded = CloudClients::load(&[MqttClientConfig {
+            id: "cloud".into(),
+            key_file: path,
+            operations: vec!["*".into()],
+        }])
+        .expect("loads");
+        let req = r#"{"request_id":"r1"}"#;
+        let mac = sign(KEY, "reserve", 1, req.as_bytes());
+        assert!(
+            loaded
+                .verify("reserve", &envelope("cloud", 1, &mac, req))
+                .is_ok()
+        );
     }
 
     #[test]

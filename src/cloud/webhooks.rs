@@ -14,6 +14,7 @@ use crate::command::{Applied, Context};
 use crate::config::WebhookSourceConfig;
 use crate::domain::allocation as rules;
 use crate::domain::{FieldError, UnitStatus};
+use crate::secret::{Secret, read_secret_file};
 use crate::store::{cloud, people, site, timestamp, units};
 use hmac::{Hmac, Mac};
 use rusqlite::Connection;
@@ -33,14 +34,12 @@ pub const TOLERANCE_S: i64 = 300;
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
     /// A secret file cannot be read or is empty.
-    #[error("webhook source {source_name}: secret file {path}: {message}")]
+    #[error("webhook source {source_name}: secret_file {source}")]
     Secret {
         /// The source.
         source_name: String,
-        /// The file.
-        path: String,
-        /// What is wrong.
-        message: String,
+        /// What is wrong (names the file).
+        source: crate::secret::SecretFileError,
     },
 }
 
@@ -144,7 +143,7 @@ pub fn verify(
 pub struct WebhookSource {
     /// The `{source}` path segment.
     pub name: String,
-    secret: Arc<[u8]>,
+    secret: Secret,
     /// `payment.processed` lifts the contact's overlock.
     pub remove_overlock_on_payment: bool,
 }
@@ -163,7 +162,7 @@ impl WebhookSource {
     pub fn new(name: &str, secret: &[u8], remove_overlock_on_payment: bool) -> Self {
         WebhookSource {
             name: name.to_owned(),
-            secret: secret.into(),
+            secret: Secret::new(secret),
             remove_overlock_on_payment,
         }
     }
@@ -175,20 +174,8 @@ impl WebhookSource {
         body: &[u8],
         now_unix: i64,
     ) -> Result<(), SignatureError> {
-        verify(header, body, &self.secret, now_unix)
+        verify(header, body, self.secret.expose(), now_unix)
     }
-}
-
-/// Reads a secret file: its bytes without a trailing newline; refuses an empty one.
-pub fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let mut bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-        bytes.pop();
-    }
-    if bytes.is_empty() {
-        return Err("is empty".into());
-    }
-    Ok(bytes)
 }
 
 /// Every configured source by name; cheap to clone.
@@ -200,14 +187,18 @@ impl Webhooks {
     pub fn load(sources: &[WebhookSourceConfig]) -> Result<Webhooks, WebhookError> {
         let mut all = BTreeMap::new();
         for s in sources {
-            let secret = read_secret(&s.secret_file).map_err(|message| WebhookError::Secret {
-                source_name: s.name.clone(),
-                path: s.secret_file.display().to_string(),
-                message,
-            })?;
+            let secret =
+                read_secret_file(&s.secret_file).map_err(|source| WebhookError::Secret {
+                    source_name: s.name.clone(),
+                    source,
+                })?;
             all.insert(
                 s.name.clone(),
-                WebhookSource::new(&s.name, &secret, s.remove_overlock_on_payment),
+                WebhookSource {
+                    name: s.name.clone(),
+                    secret,
+                    remove_overlock_on_payment: s.remove_overlock_on_payment,
+                },
             );
         }
         Ok(Webhooks(Arc::new(all)))

@@ -263,8 +263,10 @@ pub struct Executor {
     clock: Clock,
     idempotency_ttl_s: i64,
     lock_api: String,
-    catalog: Arc<DeviceCatalog>,
+    /// Shared by every clone, so a SIGHUP reload of `[devices]` reaches them all.
+    catalog: Arc<std::sync::RwLock<Arc<DeviceCatalog>>>,
     committed: Option<Arc<Notify>>,
+    metrics: crate::metrics::Metrics,
 }
 
 /// The lock API's device id when the config names none.
@@ -297,9 +299,15 @@ impl Executor {
             clock,
             idempotency_ttl_s,
             lock_api: DEFAULT_LOCK_API.to_owned(),
-            catalog,
+            catalog: Arc::new(std::sync::RwLock::new(catalog)),
             committed: None,
+            metrics: crate::metrics::Metrics::new(),
         }
+    }
+
+    /// The gateway's metrics (commands are counted here; others count through it).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Pings `notify` after every command that committed a change (a 2xx reply), so the
@@ -313,6 +321,22 @@ impl Executor {
     pub fn with_lock_api(mut self, id: &str) -> Self {
         self.lock_api = id.to_owned();
         self
+    }
+
+    /// The devices unit bindings may name.
+    pub fn catalog(&self) -> Arc<DeviceCatalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the device catalog (a reloaded `[devices]`) for this executor and its clones.
+    pub fn set_catalog(&self, catalog: Arc<DeviceCatalog>) {
+        *self
+            .catalog
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = catalog;
     }
 
     /// The store.
@@ -350,15 +374,20 @@ impl Executor {
             now: self.now(),
             if_match: env.if_match,
             lock_api: self.lock_api.clone(),
-            catalog: self.catalog.clone(),
+            catalog: self.catalog(),
         };
         let request_id = env.request_id.clone();
         let ttl = self.idempotency_ttl_s;
         let op = env.command.name();
+        let started = std::time::Instant::now();
         let result = self
             .store
             .write(move |conn| -> Result<Reply, StoreError> { run(conn, env, &ctx, ttl) })
             .await;
+        let status = result.as_ref().map_or(500, |r| r.status);
+        let replayed = result.as_ref().is_ok_and(|r| r.replayed);
+        self.metrics
+            .command(op, status, replayed, started.elapsed());
         match result {
             Ok(reply) => {
                 tracing::debug!(

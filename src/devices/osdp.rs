@@ -485,13 +485,23 @@ pub struct Shown {
     pub buzzer: Option<Buzzer>,
 }
 
-/// Keys pressed on a keypad, as one OSDP keypad report.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Keys pressed on a keypad, as one OSDP keypad report. `Debug` counts the keys and
+/// never shows them (they are PIN digits).
+#[derive(Clone, PartialEq, Eq)]
 pub struct KeyPress {
     /// Keypad id.
     pub keypad: String,
     /// `0`-`9`, `*`, `#`.
     pub keys: String,
+}
+
+impl std::fmt::Debug for KeyPress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyPress")
+            .field("keypad", &self.keypad)
+            .field("keys", &self.keys.len())
+            .finish()
+    }
 }
 
 /// A key's character from its OSDP code: digits as ASCII, `*` 0x7F, `#` 0x0D (and the
@@ -659,9 +669,12 @@ impl OsdpBus {
         let (done_tx, done) = oneshot::channel::<()>();
         let name = format!("osdp {}", self.config.transport);
         let panel = panel::Panel::new(self, stop.clone());
+        // The thread's log lines carry the bus's device span, as the task's do.
+        let span = tracing::Span::current();
         let thread = std::thread::Builder::new()
             .name("osdp-cp".into())
             .spawn(move || {
+                let _span = span.enter();
                 panel.run();
                 let _ = done_tx.send(());
             })
@@ -695,8 +708,14 @@ pub fn spawn_all(
     let mut handles = Vec::new();
     let mut tasks = Vec::new();
     for bus in plan(keypads)? {
+        // One span per line: its keypads' ids (one id on the usual one-keypad line).
+        let ids: Vec<&str> = bus.keypads.iter().map(|k| k.id.as_str()).collect();
+        let span = crate::logging::device_span(&ids.join(","), "keypad");
         let (bus, pads) = OsdpBus::new(bus, options.clone(), keys.clone())?;
-        tasks.push(tokio::spawn(bus.run(shutdown.clone())));
+        tasks.push(tokio::spawn(tracing::Instrument::instrument(
+            bus.run(shutdown.clone()),
+            span,
+        )));
         handles.extend(pads);
     }
     Ok((handles, tasks))

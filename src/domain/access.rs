@@ -52,10 +52,20 @@ pub enum KeyOutcome {
 }
 
 /// The keys typed so far on one keypad.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Entry {
     keys: String,
     last: Option<Instant>,
+}
+
+impl std::fmt::Debug for Entry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The keys are a PIN in the making: only their count is shown.
+        f.debug_struct("Entry")
+            .field("keys", &self.keys.len())
+            .field("last", &self.last)
+            .finish()
+    }
 }
 
 impl Entry {

@@ -36,6 +36,17 @@ pub enum StoreError {
         /// Newest version this build knows.
         known: i64,
     },
+    /// The file is not a replica this build can use (not SQLite, truncated, corrupt, or
+    /// from a newer build). Nothing was written to it.
+    #[error("{}: {reason}. The file was left untouched. {hint}", path.display())]
+    Refused {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+        /// What the operator can do.
+        hint: &'static str,
+    },
     /// The file holds another site's replica.
     #[error(
         "the database belongs to site {found:?} but the config says site {expected:?}; refusing to mix replicas"
@@ -83,6 +94,12 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Readers close first, so the writer's connection is the last one: closing it
+        // checkpoints the write-ahead log into the file and removes the log (a clean stop
+        // leaves one self-contained file).
+        if let Ok(mut readers) = self.readers.lock() {
+            readers.clear();
+        }
         // Closing the channel lets the writer finish its batch and exit; wait for it so a
         // reopen of the same file sees everything that was answered.
         self.jobs.take();
@@ -106,6 +123,18 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// What to do about a damaged database file.
+const RESTORE_HINT: &str = "Restore a backup (unitgate restore <backup-file>), or move the file away to start with an empty replica that the cloud then fills with a snapshot.";
+/// What to do about a database from a newer build.
+const UPGRADE_HINT: &str = "It was written by a newer unitgate: install that version (or newer), or restore a backup made by this version (unitgate restore <backup-file>).";
+
+fn is_corrupt(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
 fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -118,8 +147,34 @@ impl Store {
     /// Opens (creating if needed) the database file, refusing unknown schema versions
     /// before changing anything, then migrates and starts the writer thread.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let refuse = |reason: String, hint: &'static str| StoreError::Refused {
+            path: path.to_owned(),
+            reason,
+            hint,
+        };
+        schema::check_file(path).map_err(|reason| refuse(reason, RESTORE_HINT))?;
         let mut conn = Connection::open(path)?;
-        schema::check_known(&conn)?;
+        // Only reads until the file is known to be a healthy replica of a known version.
+        let known = schema::check_known(&conn).and_then(|v| {
+            conn.query_row("SELECT count(*) FROM sqlite_schema", [], |_| Ok(()))?;
+            Ok(v)
+        });
+        match known {
+            Ok(_) => {}
+            Err(StoreError::UnknownSchema { found, known }) => {
+                return Err(refuse(
+                    format!("its schema version is {found}, newer than this build knows ({known})"),
+                    UPGRADE_HINT,
+                ));
+            }
+            Err(StoreError::Sqlite(e)) if is_corrupt(&e) => {
+                return Err(refuse(
+                    format!("not a usable SQLite database ({e})"),
+                    RESTORE_HINT,
+                ));
+            }
+            Err(e) => return Err(e),
+        }
         configure_writer(&conn)?;
         schema::migrate(&mut conn)?;
         let (tx, rx) = mpsc::channel::<Job>(4096);
@@ -305,13 +360,46 @@ mod tests {
         }
         let before = std::fs::read(&path).unwrap();
         match Store::open(&path) {
-            Err(StoreError::UnknownSchema { found: 99, known }) => {
-                assert_eq!(known, schema::VERSION)
+            Err(e @ StoreError::Refused { .. }) => {
+                let m = e.to_string();
+                assert!(
+                    m.contains("u.db") && m.contains("schema version is 99"),
+                    "{m}"
+                );
+                assert!(m.contains(&format!("({})", schema::VERSION)), "{m}");
             }
-            other => panic!("expected UnknownSchema, got {other:?}"),
+            other => panic!("expected Refused, got {other:?}"),
         }
         assert_eq!(std::fs::read(&path).unwrap(), before);
         assert!(!dir.path().join("u.db-wal").exists());
+    }
+
+    #[test]
+    fn refuses_random_bytes_and_a_truncated_file_without_touching_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.db");
+        {
+            let c = Connection::open(&good).unwrap();
+            c.execute_batch("CREATE TABLE t (x BLOB); INSERT INTO t VALUES (zeroblob(100000));")
+                .unwrap();
+        }
+        let full = std::fs::read(&good).unwrap();
+        let random: Vec<u8> = (0..8192).map(|_| rand::random::<u8>()).collect();
+        for (name, bytes) in [
+            ("random.db", random),
+            ("truncated.db", full[..full.len() / 2].to_vec()),
+            ("torn.db", full[..full.len() - 100].to_vec()),
+            ("stub.db", full[..50].to_vec()),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, &bytes).unwrap();
+            let err = Store::open(&path).unwrap_err();
+            assert!(matches!(err, StoreError::Refused { .. }), "{name}: {err}");
+            assert!(err.to_string().contains(name), "{err}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "{name} changed");
+        }
+        Store::open(&good).unwrap();
+        Store::open(&dir.path().join("empty.db")).unwrap();
     }
 
     #[tokio::test]

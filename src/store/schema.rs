@@ -132,6 +132,58 @@ pub fn version(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
 }
 
+/// Checks, by reading its header only, that an existing file looks like a whole SQLite
+/// database: the magic string, a valid page size, and not shorter than the header says
+/// (a truncated copy). A missing or empty file passes (it becomes a new replica).
+pub fn check_file(path: &std::path::Path) -> Result<(), String> {
+    use std::io::Read;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("cannot read it: {e}")),
+    };
+    let len = f.metadata().map_err(|e| e.to_string())?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut header = [0u8; 100];
+    if len < 100 || f.read_exact(&mut header).is_err() {
+        return Err(format!(
+            "it is {len} bytes long, shorter than an SQLite header: truncated or not a database"
+        ));
+    }
+    if &header[..16] != b"SQLite format 3\0" {
+        return Err("it is not an SQLite database (bad header)".into());
+    }
+    let page = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65536,
+        p if p >= 512 && p.is_power_of_two() => u64::from(p),
+        p => return Err(format!("its header is corrupt (page size {p})")),
+    };
+    let be32 = |at: usize| {
+        u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    // The page count in the header is valid when its change counter matches (SQLite's
+    // "version-valid-for"); a write-ahead log may hold pages the file does not have yet.
+    let wal = path.with_extension(match path.extension() {
+        Some(e) => format!("{}-wal", e.to_string_lossy()),
+        None => "-wal".into(),
+    });
+    let wal_has_frames = std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
+    let pages = u64::from(be32(28));
+    if be32(24) == be32(92) && pages > 0 && !wal_has_frames && len < pages * page {
+        return Err(format!(
+            "it is truncated: {len} bytes, but its header says {pages} pages of {page} bytes"
+        ));
+    }
+    if len % page != 0 && !wal_has_frames {
+        return Err(format!(
+            "it is truncated or torn: {len} bytes is not a whole number of {page}-byte pages"
+        ));
+    }
+    Ok(())
+}
+
 /// Refuses a file written by a newer build, before anything touches it.
 pub fn check_known(conn: &Connection) -> Result<i64, StoreError> {
     let found = version(conn)?;

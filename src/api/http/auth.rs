@@ -3,6 +3,7 @@
 use crate::api::error::ApiError;
 use crate::config::TokenConfig;
 use sha2::{Digest, Sha256};
+use std::sync::{Arc, PoisonError, RwLock};
 use subtle::ConstantTimeEq;
 
 /// What a token may do.
@@ -82,14 +83,15 @@ struct Token {
     scopes: Vec<Scope>,
 }
 
-/// The configured tokens.
+/// The configured tokens. Clones share one set, so [`Tokens::replace`] (a SIGHUP reload)
+/// takes effect for every request that starts afterwards.
 #[derive(Clone, Default)]
-pub struct Tokens(Vec<Token>);
+pub struct Tokens(Arc<RwLock<Arc<Vec<Token>>>>);
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_list()
-            .entries(self.0.iter().map(|t| &t.name))
+            .entries(self.current().iter().map(|t| &t.name))
             .finish()
     }
 }
@@ -146,30 +148,45 @@ pub fn token_hash_hex(token: &str) -> String {
 impl Tokens {
     /// Builds from config (validated: hex and scopes are known).
     pub fn from_config(tokens: &[TokenConfig]) -> Self {
-        Tokens(
-            tokens
-                .iter()
-                .filter_map(|t| {
-                    let hash: [u8; 32] = hex::decode(&t.sha256).ok()?.try_into().ok()?;
-                    let scopes = t
-                        .scopes
-                        .iter()
-                        .filter_map(|s| match s.as_str() {
-                            "read" => Some(Scope::Read),
-                            "allocations:write" => Some(Scope::AllocationsWrite),
-                            "units:write" => Some(Scope::UnitsWrite),
-                            "admin" => Some(Scope::Admin),
-                            _ => None,
-                        })
-                        .collect();
-                    Some(Token {
-                        name: t.name.clone(),
-                        hash,
-                        scopes,
+        Tokens(Arc::new(RwLock::new(Arc::new(Self::parse(tokens)))))
+    }
+
+    /// Swaps in the tokens of a new (validated) config for every clone of this set.
+    pub fn replace(&self, tokens: &[TokenConfig]) {
+        let new = Arc::new(Self::parse(tokens));
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = new;
+    }
+
+    fn current(&self) -> Arc<Vec<Token>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn parse(tokens: &[TokenConfig]) -> Vec<Token> {
+        tokens
+            .iter()
+            .filter_map(|t| {
+                let hash: [u8; 32] = hex::decode(&t.sha256).ok()?.try_into().ok()?;
+                let scopes = t
+                    .scopes
+                    .iter()
+                    .filter_map(|s| match s.as_str() {
+                        "read" => Some(Scope::Read),
+                        "allocations:write" => Some(Scope::AllocationsWrite),
+                        "units:write" => Some(Scope::UnitsWrite),
+                        "admin" => Some(Scope::Admin),
+                        _ => None,
                     })
+                    .collect();
+                Some(Token {
+                    name: t.name.clone(),
+                    hash,
+                    scopes,
                 })
-                .collect(),
-        )
+            })
+            .collect()
     }
 
     /// Checks an `Authorization` header value. Every configured hash is compared, in
@@ -186,8 +203,9 @@ impl Tokens {
             }
         };
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let tokens = self.current();
         let mut found: Option<&Token> = None;
-        for t in &self.0 {
+        for t in tokens.iter() {
             if bool::from(t.hash.ct_eq(&presented)) {
                 found = Some(t);
             }
@@ -218,6 +236,26 @@ mod tests {
         assert_eq!(c.principal().name, "mqtt");
         assert!(c.principal().require(Scope::Read).is_ok());
         assert_eq!(c.principal().require(Scope::Admin).unwrap_err().status, 403);
+    }
+
+    #[test]
+    fn replace_swaps_the_set_for_every_clone() {
+        let set = tokens();
+        let held_by_router = set.clone();
+        set.replace(&[TokenConfig {
+            name: "new".into(),
+            sha256: token_hash_hex("fresh"),
+            scopes: vec!["admin".into()],
+        }]);
+        assert_eq!(
+            held_by_router
+                .authenticate(Some("Bearer fresh"))
+                .unwrap()
+                .name,
+            "new"
+        );
+        let old = held_by_router.authenticate(Some("Bearer s3cret"));
+        assert_eq!(old.unwrap_err().status, 401);
     }
 
     #[test]

@@ -98,8 +98,12 @@ impl Modify for BearerAuth {
 )]
 struct ApiDoc;
 
+/// When this process first built its API: the base of `uptime_s` in `GET /v1/status`.
+static STARTED: OnceLock<std::time::Instant> = OnceLock::new();
+
 /// Every route, with its OpenAPI description.
 pub fn api(limits: Limits) -> OpenApiRouter<AppState> {
+    STARTED.get_or_init(std::time::Instant::now);
     let snapshot = OpenApiRouter::new()
         .routes(routes!(put_snapshot))
         .layer(DefaultBodyLimit::max(limits.max_snapshot_bytes));
@@ -125,6 +129,8 @@ pub fn api(limits: Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(webhook))
         .routes(routes!(healthz))
         .routes(routes!(openapi_json))
+        // Prometheus text, not JSON: kept out of the OpenAPI document.
+        .route("/metrics", axum::routing::get(metrics))
         .merge(snapshot)
 }
 
@@ -751,6 +757,20 @@ async fn list_devices(
     Ok(Json(list).into_response())
 }
 
+/// Prometheus / OpenMetrics text of the gateway's metrics (scope `read`).
+async fn metrics(
+    State(s): State<AppState>,
+    _: Authorized<needs::Read>,
+) -> Result<Response, ApiError> {
+    let scrape = crate::metrics::Scrape {
+        executor: s.executor.clone(),
+        devices: s.devices.clone(),
+        links: s.links.clone(),
+    };
+    let text = scrape.text().await?;
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
 /// Liveness and readiness: 200 when the replica answers. No token needed.
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
     responses((status = 200, body = Health), (status = 503, body = ErrorBody)))]
@@ -805,6 +825,10 @@ pub struct SiteStatus {
     pub backlog: crate::cloud::backlog::Backlog,
     /// Device health counts.
     pub devices: DeviceCounts,
+    /// The newest event's `seq` (0 before the first).
+    pub last_seq: i64,
+    /// Seconds since the gateway process started serving.
+    pub uptime_s: u64,
 }
 
 /// Link and hardware health, and how much the cloud has not received yet.
@@ -817,8 +841,11 @@ async fn status(
     let link = s.links.list();
     let uplinks: Vec<String> = link.keys().cloned().collect();
     let now = s.executor.now();
-    let backlog = read(&s, move |c| {
-        Ok(crate::cloud::backlog::backlog(c, &uplinks, now)?)
+    let (backlog, last_seq) = read(&s, move |c| {
+        Ok((
+            crate::cloud::backlog::backlog(c, &uplinks, now)?,
+            events::last_seq(c)?,
+        ))
     })
     .await?;
     let devices = s.devices.list();
@@ -832,6 +859,8 @@ async fn status(
             online,
             offline: devices.len() - online,
         },
+        last_seq,
+        uptime_s: STARTED.get().map_or(0, |t| t.elapsed().as_secs()),
     })
     .into_response())
 }

@@ -314,6 +314,11 @@ impl ModbusLink {
         &self.link.name
     }
 
+    /// The ids of the boards on this link.
+    pub fn board_ids(&self) -> Vec<&str> {
+        self.link.slots.iter().map(|s| &*s.id).collect()
+    }
+
     /// Serves until `shutdown` becomes true. Spawn one per link.
     pub async fn run(self, shutdown: watch::Receiver<bool>) {
         self.link.run(shutdown).await

@@ -539,7 +539,14 @@ impl Panel {
         };
         let keys: String = k.data.iter().filter_map(|&c| key_char(c)).collect();
         if keys.len() != k.data.len() {
-            tracing::warn!(keypad = %p.spec.id, codes = ?k.data, "OSDP keypad sent codes that are not keys; ignored them");
+            // Only the codes that are not keys: the digits around them may be a PIN.
+            let odd: Vec<u8> = k
+                .data
+                .iter()
+                .copied()
+                .filter(|&c| key_char(c).is_none())
+                .collect();
+            tracing::warn!(keypad = %p.spec.id, codes = ?odd, "OSDP keypad sent codes that are not keys; ignored them");
         }
         if keys.is_empty() {
             return;

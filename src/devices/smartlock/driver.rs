@@ -25,6 +25,8 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
+// Jobs run in the driver's span (`device{id, kind}`), so their log lines name the device.
+use tracing::Instrument;
 
 /// How long the driver keeps trying to put back an overlock it lifted for a command that
 /// then failed.
@@ -539,10 +541,13 @@ impl<P: LockProvider> LockDriver<P> {
 
         // One call at start so the health says something before the first command.
         let s = self.shared.clone();
-        let probe = jobs.spawn(async move {
-            let deadline = Instant::now() + s.settings.give_up_after;
-            Done::Many(s.guarded(deadline, || s.provider.list()).await)
-        });
+        let probe = jobs.spawn(
+            async move {
+                let deadline = Instant::now() + s.settings.give_up_after;
+                Done::Many(s.guarded(deadline, || s.provider.list()).await)
+            }
+            .in_current_span(),
+        );
         waiters.insert(probe.id(), Waiter::Probe);
 
         loop {
@@ -606,10 +611,13 @@ impl<P: LockProvider> LockDriver<P> {
                     }
                 }
                 let (l, t) = (lock.clone(), target.clone());
-                let h = jobs.spawn(async move {
-                    let what = format!("bring {l} to {t}");
-                    Done::One(s.with_retries(&what, |d| s.converge(d, &l, &t)).await)
-                });
+                let h = jobs.spawn(
+                    async move {
+                        let what = format!("bring {l} to {t}");
+                        Done::One(s.with_retries(&what, |d| s.converge(d, &l, &t)).await)
+                    }
+                    .in_current_span(),
+                );
                 waiters.insert(
                     h.id(),
                     Waiter::Command {
@@ -621,22 +629,28 @@ impl<P: LockProvider> LockDriver<P> {
                 by_lock.insert(lock, h);
             }
             Request::Read { lock, reply } => {
-                let h = jobs.spawn(async move {
-                    let what = format!("read {lock}");
-                    Done::One(
-                        s.with_retries(&what, |d| s.guarded(d, || s.provider.get(&lock)))
-                            .await,
-                    )
-                });
+                let h = jobs.spawn(
+                    async move {
+                        let what = format!("read {lock}");
+                        Done::One(
+                            s.with_retries(&what, |d| s.guarded(d, || s.provider.get(&lock)))
+                                .await,
+                        )
+                    }
+                    .in_current_span(),
+                );
                 waiters.insert(h.id(), Waiter::Read(reply));
             }
             Request::ReadAll { reply } => {
-                let h = jobs.spawn(async move {
-                    Done::Many(
-                        s.with_retries("list", |d| s.guarded(d, || s.provider.list()))
-                            .await,
-                    )
-                });
+                let h = jobs.spawn(
+                    async move {
+                        Done::Many(
+                            s.with_retries("list", |d| s.guarded(d, || s.provider.list()))
+                                .await,
+                        )
+                    }
+                    .in_current_span(),
+                );
                 waiters.insert(h.id(), Waiter::ReadAll(reply));
             }
         }

@@ -39,13 +39,11 @@ pub enum SetupError {
         "devices.lock_api: no API key (set api_key_file, or the environment variable {API_KEY_ENV})"
     )]
     NoKey,
-    /// The key file cannot be read.
-    #[error("devices.lock_api.api_key_file {path}: {source}")]
+    /// The key file cannot be read or is empty.
+    #[error("devices.lock_api.api_key_file {source}")]
     KeyFile {
-        /// The file.
-        path: String,
-        /// Cause.
-        source: std::io::Error,
+        /// Cause (names the file).
+        source: crate::secret::SecretFileError,
     },
     /// The key is empty or cannot be sent in a header.
     #[error("devices.lock_api: the API key from {from} {reason}")]
@@ -81,11 +79,13 @@ impl ApiKey {
     /// [`API_KEY_ENV`], passed in so callers and tests choose where it comes from).
     pub fn load(file: &Path, env: Option<String>) -> Result<ApiKey, SetupError> {
         let (text, from) = if !file.as_os_str().is_empty() {
-            let text = std::fs::read_to_string(file).map_err(|source| SetupError::KeyFile {
-                path: file.display().to_string(),
-                source,
+            let secret = crate::secret::read_secret_file(file)
+                .map_err(|source| SetupError::KeyFile { source })?;
+            let text = secret.expose_str().ok_or_else(|| SetupError::BadKey {
+                from: file.display().to_string(),
+                reason: "is not UTF-8 text",
             })?;
-            (text, file.display().to_string())
+            (text.to_owned(), file.display().to_string())
         } else {
             match env {
                 Some(v) => (v, format!("${API_KEY_ENV}")),
@@ -153,7 +153,7 @@ impl ReferenceProvider {
         timeout: Duration,
     ) -> Result<ReferenceProvider, SetupError> {
         let bad = |reason: &str| SetupError::Url {
-            url: base_url.to_owned(),
+            url: crate::secret::redact_url(base_url),
             reason: reason.to_owned(),
         };
         let mut base = Url::parse(base_url).map_err(|e| bad(&e.to_string()))?;
