@@ -730,7 +730,9 @@ fn main() -> Result<()> {
             "  package binary (no default features, stripped) {:>5.1} MiB  ({deb})",
             mib(*b)
         ),
-        None => println!("  package binary: no target/debian/*.deb (run `cargo deb` first)"),
+        None => println!(
+            "  package binary: no target/debian/*.deb (run `cargo deb --profile dist` first)"
+        ),
     }
     println!();
     let ready_pass = cold.pct(0.5) <= TARGET_READY_MS;

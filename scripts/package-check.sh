@@ -3,8 +3,8 @@
 #
 # The package's files, exactly (with the modes that matter), its control fields, maintainer
 # scripts that parse, and, unpacked into a scratch root, a binary that runs and accepts the
-# config it installs. `cargo deb` makes the one release build of CI (the production build:
-# no default features); a second run finds it fresh.
+# config it installs. `cargo deb --profile dist` makes CI's one optimised gateway build (the
+# production build: no default features, fat LTO); a second run finds it fresh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,7 @@ fi
 version=$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -1)
 arch=$(dpkg --print-architecture)
 start=$(date +%s)
-deb=$(cargo deb --locked --quiet --output target/debian/ | tail -1)
+deb=$(cargo deb --locked --quiet --profile dist --output target/debian/ | tail -1)
 echo "package-check: $deb in $(($(date +%s) - start)) s"
 [ "$deb" = "target/debian/unitgate_${version}-1_${arch}.deb" ] || fail "unexpected package path: $deb"
 
