@@ -119,14 +119,30 @@ pub fn load_pin_key(path: &Path) -> Result<PinKey, GatewayError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let key: [u8; 32] = rand::random();
-            let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
-            #[cfg(unix)]
-            std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-            let mut f = opts.open(path).map_err(|e| err(e.to_string()))?;
-            f.write_all(&key)
-                .and_then(|_| f.sync_all())
+            // Written whole beside it (0600) and renamed into place: a crash or power loss
+            // mid-write must not leave a short key file that refuses every later start.
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let mut tmp = tempfile::Builder::new()
+                .prefix(".pin.key.")
+                .tempfile_in(dir)
                 .map_err(|e| err(e.to_string()))?;
+            tmp.write_all(&key)
+                .and_then(|_| tmp.as_file().sync_all())
+                .map_err(|e| err(e.to_string()))?;
+            match tmp.persist_noclobber(path) {
+                Ok(_) => {}
+                // Another start created it first: that key is the one.
+                Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
+                    return load_pin_key(path);
+                }
+                Err(e) => return Err(err(e.error.to_string())),
+            }
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all(); // the rename, durable
+            }
             tracing::info!(path = %path.display(), "created a new PIN key");
             Ok(PinKey::new(key))
         }

@@ -60,8 +60,8 @@ pub struct BulkUpdate {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BulkBody {
-    /// The units.
-    #[schema(value_type = Vec<Object>)]
+    /// The units, 1 to 1000.
+    #[schema(value_type = Vec<Object>, min_items = 1, max_items = 1000)]
     pub units: Vec<Value>,
 }
 

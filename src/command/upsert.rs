@@ -16,7 +16,8 @@ use utoipa::ToSchema;
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UnitTypeBody {
-    /// Name.
+    /// Name, 1 to 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
 }
 
@@ -24,7 +25,8 @@ pub struct UnitTypeBody {
 #[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactBody {
-    /// Name.
+    /// Name, 1 to 200 characters, not blank.
+    #[schema(min_length = 1, max_length = 200, pattern = r"\S")]
     pub name: String,
     /// The PIN (4-10 digits, unique at the site). Write-only: omitted = unchanged, null = removed.
     #[schema(value_type = Option<String>)]
@@ -50,6 +52,7 @@ impl std::fmt::Debug for ContactBody {
 #[serde(deny_unknown_fields)]
 pub struct TenancyBody {
     /// The tenant.
+    #[schema(pattern = "^[A-Za-z0-9_.:-]{1,128}$")]
     pub contact_id: String,
     /// First day (ISO date).
     pub start_date: NaiveDate,

@@ -49,6 +49,9 @@ class Site:
         self.broker = None
         self.gateways = []
         self.clouds = []
+        # Hardware peers (pymodbus boards, libosdp keypads, socat lines): anything with
+        # stop(); a `process` attribute (harness.Process) has its log shown on failure.
+        self.peers = []
 
     def start_broker(self):
         self.broker = Mosquitto(
@@ -56,10 +59,16 @@ class Site:
         ).start()
         return self.broker
 
-    def gateway(self, protocol, signed_clients=(), seed=True, name="gateway"):
-        """A gateway with `protocol` (v5 | v3.1.1) on the broker; `signed_clients`:
-        (id, key, operations) of signed-command clients (none: unsigned commands)."""
-        mqtt = {
+    def peer(self, peer):
+        """Starts a hardware peer and stops it at teardown (in reverse order)."""
+        self.peers.append(peer)
+        return peer.start()
+
+    def gateway(self, protocol, signed_clients=(), seed=True, name="gateway", devices=""):
+        """A gateway with `protocol` (v5 | v3.1.1) on the broker, or without an MQTT link
+        when None; `signed_clients`: (id, key, operations) of signed-command clients (none:
+        unsigned commands); `devices`: its [devices] TOML."""
+        mqtt = None if protocol is None else {
             "url": self.broker.url(),
             "protocol": protocol,
             "username": "gateway",
@@ -70,7 +79,12 @@ class Site:
         if signed_clients:
             mqtt["signed_commands"] = True
         gw = Gateway(
-            self.tmp / name, self.logs / f"{name}.log", free_port(), mqtt, signed_clients
+            self.tmp / name,
+            self.logs / f"{name}.log",
+            free_port(),
+            mqtt,
+            signed_clients,
+            devices,
         )
         self.gateways.append(gw)
         gw.start()
@@ -94,9 +108,32 @@ class Site:
             processes.append(self.broker.process)
         for p in processes:
             p.stop(grace=5)
+        for peer in reversed(self.peers):
+            try:
+                peer.stop()
+            except Exception as e:  # the others must still stop
+                print(f"\n---- stopping {peer!r}: {e!r}")
+            if getattr(peer, "process", None) is not None:
+                processes.append(peer.process)
         if failed:
             for p in processes:
                 print(f"\n---- {p.name}: last lines of {p.log} ----\n{p.tail()}")
+
+
+def _failed(request):
+    return any(
+        getattr(request.node, f"report_{when}", None) is not None
+        and getattr(request.node, f"report_{when}").failed
+        for when in ("setup", "call")
+    )
+
+
+@pytest.fixture
+def hardware_site(request, tmp_path):
+    """A site without a broker: the gateway (no MQTT link) and its hardware peers."""
+    s = Site(request, tmp_path)
+    yield s
+    s.teardown(_failed(request))
 
 
 @pytest.fixture
@@ -104,12 +141,7 @@ def site(request, tmp_path):
     s = Site(request, tmp_path)
     s.start_broker()
     yield s
-    failed = any(
-        getattr(request.node, f"report_{when}", None) is not None
-        and getattr(request.node, f"report_{when}").failed
-        for when in ("setup", "call")
-    )
-    s.teardown(failed)
+    s.teardown(_failed(request))
 
 
 @pytest.fixture(params=PROTOCOLS)

@@ -31,10 +31,11 @@ def toml_str(value):
 
 
 class Gateway:
-    """`mqtt` holds the [cloud.mqtt] keys (url, protocol, username, ...); `clients` the
-    [[cloud.mqtt.clients]] entries as (id, key bytes, operations)."""
+    """`mqtt` holds the [cloud.mqtt] keys (url, protocol, username, ...), None for no MQTT
+    link; `clients` the [[cloud.mqtt.clients]] entries as (id, key bytes, operations);
+    `devices` TOML text appended as is (the [devices] section of the hardware peers)."""
 
-    def __init__(self, workdir, log, port, mqtt, clients=()):
+    def __init__(self, workdir, log, port, mqtt, clients=(), devices=""):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port
@@ -57,9 +58,10 @@ class Gateway:
             "[log]",
             'level = "info"',
             'format = "human"',
-            "[cloud.mqtt]",
         ]
-        for key, value in mqtt.items():
+        if mqtt is not None:
+            lines.append("[cloud.mqtt]")
+        for key, value in (mqtt or {}).items():
             if key == "password":
                 pw = self.dir / "mqtt.password"
                 pw.write_text(value + "\n")
@@ -79,6 +81,7 @@ class Gateway:
                 f"key_file = {toml_str(key_file)}",
                 f"operations = {json.dumps(list(operations))}",
             ]
+        lines.append(devices)
         self.config = self.dir / "config.toml"
         self.config.write_text("\n".join(lines) + "\n")
         # NO_COLOR: the human log format would write colour codes into the log file.

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The interop suite: the gateway against third-party peers (Mosquitto and paho-mqtt so far).
+# The interop suite: the gateway against third-party peers (Mosquitto and paho-mqtt as the
+# cloud, pymodbus as the relay board over TCP and RTU on a socat pty pair, libosdp as the
+# keypad, schemathesis against /openapi.json).
 # Installs its peers when missing (Debian packages, a pinned Python venv in target/), builds
 # the gateway if needed, then runs pytest on tests/interop with a bounded timeout; arguments
 # go to pytest (e.g. `-k signed -x`).
@@ -10,10 +12,11 @@ cd "$(dirname "$0")/../.."
 venv=target/interop-venv
 timeout_s=${INTEROP_TIMEOUT_S:-300}
 
-if ! [ -x /usr/sbin/mosquitto ] || ! command -v mosquitto_passwd >/dev/null 2>&1; then
-  echo "interop: installing mosquitto"
+if ! [ -x /usr/sbin/mosquitto ] || ! command -v mosquitto_passwd >/dev/null 2>&1 ||
+  ! command -v socat >/dev/null 2>&1; then
+  echo "interop: installing mosquitto and socat"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto socat >/dev/null
   # The package starts a system broker on 1883 where systemd runs; the suite uses free
   # ports, and `unitgate demo` wants 1883 for its own broker: stop the one we just installed.
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then

@@ -198,7 +198,7 @@ where
 
 /// Reserve an available unit for a tenancy that starts after today (site date).
 #[utoipa::path(post, path = "/v1/units/{unit_id}/reserve", tag = "allocations",
-    params(("unit_id" = String, Path), WriteHeaders), request_body = AllocationBody,
+    params(("unit_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = AllocationBody,
     responses((status = 200, body = UnitResult), Errors))]
 async fn reserve(
     State(s): State<AppState>,
@@ -217,7 +217,7 @@ async fn reserve(
 
 /// Grant access: reserved (same tenancy) → occupied, or available → occupied in one step.
 #[utoipa::path(post, path = "/v1/units/{unit_id}/grant_access", tag = "allocations",
-    params(("unit_id" = String, Path), WriteHeaders), request_body = AllocationBody,
+    params(("unit_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = AllocationBody,
     responses((status = 200, body = UnitResult), Errors))]
 async fn grant_access(
     State(s): State<AppState>,
@@ -236,7 +236,7 @@ async fn grant_access(
 
 /// Deallocate: the allocation ends and the unit is available (`unit.deallocated` + `unit.available`).
 #[utoipa::path(post, path = "/v1/units/{unit_id}/deallocate", tag = "allocations",
-    params(("unit_id" = String, Path), WriteHeaders), request_body(content = ByBody, description = "Optional"),
+    params(("unit_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body(content = ByBody, description = "Optional"),
     responses((status = 200, body = UnitResult), Errors))]
 async fn deallocate(
     State(s): State<AppState>,
@@ -255,7 +255,7 @@ async fn deallocate(
 
 /// Operator states: available ↔ unavailable, occupied/overlocked → repossessed.
 #[utoipa::path(post, path = "/v1/units/{unit_id}/set_status", tag = "allocations",
-    params(("unit_id" = String, Path), WriteHeaders), request_body = SetStatusBody,
+    params(("unit_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = SetStatusBody,
     responses((status = 200, body = UnitResult), Errors))]
 async fn set_status(
     State(s): State<AppState>,
@@ -274,7 +274,7 @@ async fn set_status(
 
 /// Overlock every occupied unit of the contact.
 #[utoipa::path(post, path = "/v1/contacts/{contact_id}/overlock", tag = "allocations",
-    params(("contact_id" = String, Path), WriteHeaders), request_body(content = ByBody, description = "Optional"),
+    params(("contact_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body(content = ByBody, description = "Optional"),
     responses((status = 200, body = UnitsResult), Errors))]
 async fn overlock(
     State(s): State<AppState>,
@@ -293,7 +293,7 @@ async fn overlock(
 
 /// Remove the overlock from every overlocked unit of the contact.
 #[utoipa::path(post, path = "/v1/contacts/{contact_id}/remove_overlock", tag = "allocations",
-    params(("contact_id" = String, Path), WriteHeaders), request_body(content = ByBody, description = "Optional"),
+    params(("contact_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body(content = ByBody, description = "Optional"),
     responses((status = 200, body = UnitsResult), Errors))]
 async fn remove_overlock(
     State(s): State<AppState>,
@@ -313,7 +313,7 @@ async fn remove_overlock(
 /// A `payment.failed` event for the contact: with the site's `auto_overlock` on, every
 /// occupied unit of the contact is overlocked; otherwise nothing changes and the answer says why.
 #[utoipa::path(post, path = "/v1/contacts/{contact_id}/payment_failed", tag = "allocations",
-    params(("contact_id" = String, Path), WriteHeaders), request_body(content = PaymentFailedBody, description = "Optional"),
+    params(("contact_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body(content = PaymentFailedBody, description = "Optional"),
     responses((status = 200, body = PaymentFailedResult), Errors))]
 async fn payment_failed(
     State(s): State<AppState>,
@@ -338,10 +338,20 @@ async fn payment_failed(
 #[allow(dead_code, reason = "documentation only: read by WriteMeta")]
 struct WriteHeaders {
     /// A repeat with the same key returns the first response and changes nothing.
-    #[param(rename = "Idempotency-Key")]
+    #[param(
+        rename = "Idempotency-Key",
+        value_type = String,
+        required = false,
+        pattern = "^[!-~]{1,255}$"
+    )]
     idempotency_key: Option<String>,
-    /// Unit writes: the expected unit version (409 on mismatch).
-    #[param(rename = "If-Match")]
+    /// Unit writes: the expected unit version (409 on mismatch): `3`, `"3"`, `W/"3"` or `*`.
+    #[param(
+        rename = "If-Match",
+        value_type = String,
+        required = false,
+        pattern = r#"^(\*|(W/)?"?[0-9]{1,18}"?)$"#
+    )]
     if_match: Option<String>,
 }
 
@@ -351,19 +361,28 @@ struct WriteHeaders {
 #[into_params(parameter_in = Query)]
 pub struct UnitQuery {
     /// Status, or several comma-separated.
+    #[param(
+        pattern = "^((available|reserved|occupied|overlocked|unavailable|repossessed)(,(available|reserved|occupied|overlocked|unavailable|repossessed))*)?$"
+    )]
     pub status: Option<String>,
     /// Unit type id.
     pub unit_type_id: Option<String>,
     /// Units whose zones include this zone.
     pub zone: Option<String>,
     /// Page size, 1 to 200 (default 100).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
-    /// Entries to skip (default 0).
+    /// Entries to skip (default 0; at most 2^53 - 1, the largest integer every JSON client
+    /// reads exactly).
+    #[param(maximum = 9_007_199_254_740_991.0)]
     pub offset: Option<u64>,
 }
 
 /// Largest page of units.
 pub const MAX_LIMIT: u32 = 200;
+
+/// Largest `offset` of a units page (2^53 - 1, as documented).
+const MAX_OFFSET: u64 = (1 << 53) - 1;
 
 impl UnitQuery {
     fn filter(self, rentable_only: bool) -> Result<units::UnitFilter, ApiError> {
@@ -376,7 +395,7 @@ impl UnitQuery {
             ));
         }
         let offset = self.offset.unwrap_or(0);
-        if offset > i64::MAX as u64 {
+        if offset > MAX_OFFSET {
             return Err(ApiError::new(
                 400,
                 "invalid_parameter",
@@ -433,12 +452,19 @@ async fn available_units(
     _: Authorized<needs::Read>,
     Query(mut q): Query<UnitQuery>,
 ) -> Result<Response, ApiError> {
+    // A status given here is still checked as on /v1/units (schemathesis found it was
+    // silently ignored), then replaced.
+    UnitQuery {
+        status: q.status.take(),
+        ..UnitQuery::default()
+    }
+    .filter(true)?;
     q.status = Some("available".into());
     unit_page(&s, q.filter(true)?).await
 }
 
 /// One unit; `ETag` is its version.
-#[utoipa::path(get, path = "/v1/units/{unit_id}", tag = "units", params(("unit_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/units/{unit_id}", tag = "units", params(("unit_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, body = UnitEnvelope, headers(("ETag" = String))), Errors))]
 async fn get_unit(
     State(s): State<AppState>,
@@ -472,7 +498,7 @@ async fn update_unit(
 
 /// Update a unit: omitted fields unchanged; a `null` array unchanged, `[]` cleared.
 #[utoipa::path(patch, path = "/v1/units/{unit_id}", tag = "units",
-    params(("unit_id" = String, Path), WriteHeaders), request_body = UnitPatchBody,
+    params(("unit_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = UnitPatchBody,
     responses((status = 200, body = UnitEnvelope), Errors))]
 async fn patch_unit(
     State(s): State<AppState>,
@@ -487,7 +513,7 @@ async fn patch_unit(
 
 /// Same as PATCH (storEDGE).
 #[utoipa::path(put, path = "/v1/units/{unit_id}", tag = "units",
-    params(("unit_id" = String, Path), WriteHeaders), request_body = UnitPatchBody,
+    params(("unit_id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = UnitPatchBody,
     responses((status = 200, body = UnitEnvelope), Errors))]
 async fn put_unit(
     State(s): State<AppState>,
@@ -553,7 +579,7 @@ async fn bulk_update(
 // ---- upserts from the cloud -------------------------------------------------------------
 
 /// A unit type.
-#[utoipa::path(get, path = "/v1/unit_types/{id}", tag = "sync", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/unit_types/{id}", tag = "sync", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, body = UnitTypeResult), Errors))]
 async fn get_unit_type(
     State(s): State<AppState>,
@@ -571,7 +597,7 @@ async fn get_unit_type(
 
 /// Create (201) or update (200) a unit type.
 #[utoipa::path(put, path = "/v1/unit_types/{id}", tag = "sync",
-    params(("id" = String, Path), WriteHeaders), request_body = UnitTypeBody,
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = UnitTypeBody,
     responses((status = 200, body = UnitTypeResult), (status = 201, body = UnitTypeResult), Errors))]
 async fn put_unit_type(
     State(s): State<AppState>,
@@ -589,7 +615,7 @@ async fn put_unit_type(
 }
 
 /// A contact (the access code is never returned).
-#[utoipa::path(get, path = "/v1/contacts/{id}", tag = "sync", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/contacts/{id}", tag = "sync", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, body = ContactResult), Errors))]
 async fn get_contact(
     State(s): State<AppState>,
@@ -604,7 +630,7 @@ async fn get_contact(
 
 /// Create (201) or update (200) a contact. `access_code` is write-only and unique (409 `access_code_taken`).
 #[utoipa::path(put, path = "/v1/contacts/{id}", tag = "sync",
-    params(("id" = String, Path), WriteHeaders), request_body = ContactBody,
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = ContactBody,
     responses((status = 200, body = ContactResult), (status = 201, body = ContactResult), Errors))]
 async fn put_contact(
     State(s): State<AppState>,
@@ -622,7 +648,7 @@ async fn put_contact(
 }
 
 /// A tenancy.
-#[utoipa::path(get, path = "/v1/tenancies/{id}", tag = "sync", params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/tenancies/{id}", tag = "sync", params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$")),
     responses((status = 200, body = TenancyResult), Errors))]
 async fn get_tenancy(
     State(s): State<AppState>,
@@ -637,7 +663,7 @@ async fn get_tenancy(
 
 /// Create (201) or update (200) a tenancy.
 #[utoipa::path(put, path = "/v1/tenancies/{id}", tag = "sync",
-    params(("id" = String, Path), WriteHeaders), request_body = TenancyBody,
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_.:-]{1,128}$"), WriteHeaders), request_body = TenancyBody,
     responses((status = 200, body = TenancyResult), (status = 201, body = TenancyResult), Errors))]
 async fn put_tenancy(
     State(s): State<AppState>,
@@ -677,8 +703,10 @@ async fn put_snapshot(
 #[into_params(parameter_in = Query)]
 pub struct EventQuery {
     /// Return events with `seq` greater than this (default 0).
+    #[param(minimum = 0)]
     pub after: Option<i64>,
     /// At most this many, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u32>,
 }
 
