@@ -3,8 +3,8 @@
 //! Applied: `api.tokens` (swapped for the next request), the site's name, access hours and
 //! automation settings (written to the site row), `[access]`, and `[devices]` (the device
 //! drivers, reconcilers and gate controller restart with the new section). Everything else
-//! (listen address, TLS, data_dir, cloud links, logging, site id and timezone, the lock
-//! API's id) needs a restart: it is reported and left as it was.
+//! (listen address, TLS, data_dir, cloud links, logging, the metrics listener, site id and
+//! timezone, the lock API's id) needs a restart: it is reported and left as it was.
 //!
 //! A file that does not load or validate is refused as a whole, every problem logged,
 //! and the running config stays. So does one whose devices cannot be started: the
@@ -118,6 +118,8 @@ pub fn plan(running: &Config, new: &Config) -> (Config, Reloaded) {
         .extend(changed("log", &running.log, &new.log));
     r.needs_restart
         .extend(changed("cloud", &running.cloud, &new.cloud));
+    r.needs_restart
+        .extend(changed("metrics", &running.metrics, &new.metrics));
     (next, r)
 }
 
@@ -220,14 +222,19 @@ mod tests {
             scopes: vec!["read".into()],
         });
         new.cloud.backlog_cap_mib = 1;
+        new.metrics.listen = "127.0.0.1:9464".into();
         let (next, r) = plan(&old, &new);
         assert_eq!(
             r.applied,
             ["site.access_hours", "api.tokens", "access"],
             "{r:?}"
         );
-        assert_eq!(r.needs_restart, ["api.listen", "cloud.backlog_cap_mib"]);
+        assert_eq!(
+            r.needs_restart,
+            ["api.listen", "cloud.backlog_cap_mib", "metrics.listen"]
+        );
         assert_eq!(next.api.listen, old.api.listen);
+        assert_eq!(next.metrics.listen, old.metrics.listen);
         assert_eq!(next.cloud.backlog_cap_mib, old.cloud.backlog_cap_mib);
         assert_eq!(next.api.tokens.len(), 1);
         assert_eq!(next.access.lockout_s, 30);
