@@ -16,18 +16,25 @@ struct Cli {
     command: Cmd,
 }
 
+/// `--config FILE` (or `UNITGATE_CONFIG`), shared by every subcommand that reads the config.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// Configuration file.
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/unitgate/config.toml",
+        env = "UNITGATE_CONFIG"
+    )]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the gateway.
     Run {
-        /// Configuration file.
-        #[arg(
-            long,
-            short,
-            default_value = "/etc/unitgate/config.toml",
-            env = "UNITGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Run a demo site on localhost (plain HTTP) with a fresh admin token.
     Demo {
@@ -49,14 +56,8 @@ enum Cmd {
     },
     /// Check a configuration file; prints every problem with its key and exits 1 if any.
     CheckConfig {
-        /// Configuration file.
-        #[arg(
-            long,
-            short,
-            default_value = "/etc/unitgate/config.toml",
-            env = "UNITGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Generate an API token and the [[api.tokens]] entry (with its hash) for the config.
     Token {
@@ -70,14 +71,8 @@ enum Cmd {
     /// Ask the running daemon (over its control socket) for links, backlog and devices.
     /// Exit 0 running, 3 not running, 4 cannot tell.
     Status {
-        /// Configuration file (for `api.control_socket`).
-        #[arg(
-            long,
-            short,
-            default_value = "/etc/unitgate/config.toml",
-            env = "UNITGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// The control socket (instead of the one the config names).
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -89,14 +84,8 @@ enum Cmd {
     Backup {
         /// The backup file to write.
         file: PathBuf,
-        /// Configuration file (for `store.data_dir`).
-        #[arg(
-            long,
-            short,
-            default_value = "/etc/unitgate/config.toml",
-            env = "UNITGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Overwrite FILE if it exists.
         #[arg(long)]
         force: bool,
@@ -106,28 +95,16 @@ enum Cmd {
     Restore {
         /// The backup file to restore.
         file: PathBuf,
-        /// Configuration file (for `store.data_dir` and `site.id`).
-        #[arg(
-            long,
-            short,
-            default_value = "/etc/unitgate/config.toml",
-            env = "UNITGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Restore a backup of another site.
         #[arg(long)]
         force: bool,
     },
     /// Apply pending schema migrations to the replica (the daemon must be stopped).
     Migrate {
-        /// Configuration file (for `store.data_dir`).
-        #[arg(
-            long,
-            short,
-            default_value = "/etc/unitgate/config.toml",
-            env = "UNITGATE_CONFIG"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Print the version.
     Version,
@@ -158,7 +135,9 @@ async fn run_until_signal(gw: Gateway) -> Result<()> {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Run { config } => {
+        Cmd::Run {
+            config: ConfigArg { config },
+        } => {
             let cfg = Config::load(Some(&config))
                 .with_context(|| format!("config {}", config.display()))?;
             unitgate::logging::init(&cfg.log.level, &cfg.log.format);
@@ -274,7 +253,9 @@ async fn main() -> Result<()> {
             sim.stop().await;
             result
         }
-        Cmd::CheckConfig { config } => {
+        Cmd::CheckConfig {
+            config: ConfigArg { config },
+        } => {
             let cfg = match Config::load_unchecked(Some(&config)) {
                 Ok(c) => c,
                 Err(e) => {
@@ -315,7 +296,7 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Status {
-            config,
+            config: ConfigArg { config },
             socket,
             json,
         } => {
@@ -351,7 +332,7 @@ async fn main() -> Result<()> {
         }
         Cmd::Backup {
             file,
-            config,
+            config: ConfigArg { config },
             force,
         } => {
             let cfg = ops_config(&config)?;
@@ -373,7 +354,7 @@ async fn main() -> Result<()> {
         }
         Cmd::Restore {
             file,
-            config,
+            config: ConfigArg { config },
             force,
         } => {
             let cfg = ops_config(&config)?;
@@ -404,7 +385,9 @@ async fn main() -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Migrate { config } => {
+        Cmd::Migrate {
+            config: ConfigArg { config },
+        } => {
             let cfg = ops_config(&config)?;
             let db = cfg.store.db_path();
             let shown = db.display().to_string();
