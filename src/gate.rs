@@ -9,7 +9,9 @@
 //!   an `access.granted` / `access.denied` event (contact, units, keypad, reason; never the
 //!   PIN). Wrong codes count towards the keypad's lockout ([`Lockout`]).
 //! - A unit door input opening while the unit is not `occupied` raises `door.alarm`; so
-//!   does a gate position input that stays open longer than `access.gate_held_open_s`.
+//!   does a gate position input that stays open longer than `access.gate_held_open_s`. A
+//!   door's alarm is kept in the replica with its event ([`alarms`]) until the door closes,
+//!   so a restart or a board reconnecting does not report the same open door again.
 //!
 //! At start every gate strike coil is switched off: a gateway killed in the middle of a
 //! pulse must not leave a gate open.
@@ -26,7 +28,7 @@ use crate::domain::access::{
 use crate::domain::hours::AccessHours;
 use crate::domain::pin::{self, PinKey};
 use crate::domain::status::UnitStatus;
-use crate::store::{StoreError, events, people};
+use crate::store::{StoreError, alarms, events, people};
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -86,7 +88,24 @@ pub struct GateController {
     /// Unit door inputs with an alarm raised and not yet closed.
     alarmed: BTreeSet<(String, u16)>,
     /// Events on their way to the log, in decision order (see [`record_events`]).
-    events: mpsc::Sender<(EventType, serde_json::Value, DateTime<Utc>)>,
+    events: mpsc::Sender<LogEntry>,
+}
+
+/// What the controller writes to the replica, in the order it decided it.
+enum LogEntry {
+    /// An event for the log.
+    Event(EventType, serde_json::Value, DateTime<Utc>),
+    /// A unit door opened on a unit that is not occupied: `door.alarm`, and the door's
+    /// alarm recorded as raised.
+    DoorAlarm {
+        board: String,
+        input: u16,
+        unit_id: String,
+        data: serde_json::Value,
+        at: DateTime<Utc>,
+    },
+    /// An alarmed door closed.
+    DoorClosed { board: String, input: u16 },
 }
 
 impl GateController {
@@ -146,6 +165,10 @@ impl GateController {
         mut shutdown: watch::Receiver<bool>,
     ) {
         self.close_all_gates();
+        match self.executor.store().read(alarms::open).await {
+            Ok(open) => self.alarmed = open.into_iter().collect(),
+            Err(e) => tracing::warn!(error = %e, "cannot read the open door alarms"),
+        }
         let (mut keys_open, mut inputs_open) = (true, true);
         while keys_open || inputs_open {
             let wake = self.next_deadline();
@@ -397,7 +420,9 @@ impl GateController {
             }
             let key = (board.clone(), input);
             if !on {
-                self.alarmed.remove(&key);
+                if self.alarmed.remove(&key) {
+                    self.log(LogEntry::DoorClosed { board, input });
+                }
                 continue;
             }
             if self.alarmed.contains(&key) {
@@ -413,11 +438,16 @@ impl GateController {
                 Ok(Some((unit_id, status))) if status != UnitStatus::Occupied => {
                     self.alarmed.insert(key);
                     tracing::warn!(unit = %unit_id, %status, "door open on a unit that is not occupied");
-                    self.record(
-                        EventType::DoorAlarm,
-                        json!({"kind": "unit_door_open", "unit_id": unit_id, "status": status,
-                               "board": board, "input": input}),
-                    );
+                    let data = json!({"kind": "unit_door_open", "unit_id": unit_id,
+                                      "status": status, "board": board, "input": input});
+                    let at = self.executor.now();
+                    self.log(LogEntry::DoorAlarm {
+                        board,
+                        input,
+                        unit_id,
+                        data,
+                        at,
+                    });
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot look up a door sensor"),
@@ -439,9 +469,14 @@ impl GateController {
     /// Queues an event for the log without holding up the next decision.
     fn record(&self, kind: EventType, data: serde_json::Value) {
         let now = self.executor.now();
-        if let Err(e) = self.events.try_send((kind, data, now)) {
-            // Only when the store has been stuck for thousands of decisions.
-            tracing::error!(event = kind.as_str(), error = %e, "event dropped: the log is not keeping up");
+        self.log(LogEntry::Event(kind, data, now));
+    }
+
+    fn log(&self, entry: LogEntry) {
+        if let Err(e) = self.events.try_send(entry) {
+            // Only when the store has been stuck for thousands of decisions. A lost
+            // DoorClosed heals itself: the next input snapshot shows the door closed.
+            tracing::error!(error = %e, "gate log entry dropped: the log is not keeping up");
         }
     }
 }
@@ -451,10 +486,7 @@ const EVENT_QUEUE: usize = 4096;
 
 /// Writes the controller's events in the order they were decided, as many per commit as
 /// are waiting.
-async fn record_events(
-    executor: Executor,
-    mut rx: mpsc::Receiver<(EventType, serde_json::Value, DateTime<Utc>)>,
-) {
+async fn record_events(executor: Executor, mut rx: mpsc::Receiver<LogEntry>) {
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 256).await > 0 {
         let taken = std::mem::take(&mut batch);
@@ -462,8 +494,24 @@ async fn record_events(
         let r = executor
             .store()
             .write(move |c| -> Result<(), StoreError> {
-                for (kind, data, at) in &taken {
-                    events::append(c, *kind, data, *at)?;
+                for entry in &taken {
+                    match entry {
+                        LogEntry::Event(kind, data, at) => {
+                            events::append(c, *kind, data, *at)?;
+                        }
+                        LogEntry::DoorAlarm {
+                            board,
+                            input,
+                            unit_id,
+                            data,
+                            at,
+                        } => {
+                            alarms::raise(c, board, *input, unit_id, data, *at)?;
+                        }
+                        LogEntry::DoorClosed { board, input } => {
+                            alarms::clear(c, board, *input)?;
+                        }
+                    }
                 }
                 Ok(())
             })

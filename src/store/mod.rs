@@ -6,6 +6,7 @@
 //! fails rolls back alone. Readers use their own connections (WAL: they never block the
 //! writer) on the blocking pool.
 
+pub mod alarms;
 pub mod cloud;
 pub mod events;
 pub mod idempotency;

@@ -122,6 +122,17 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (source, event_id)
     ) STRICT, WITHOUT ROWID;
     "#,
+    // 5: unit door inputs with a `door.alarm` raised and not closed since, so a restart does
+    // not raise the same open door again.
+    r#"
+    CREATE TABLE door_alarms (
+        board       TEXT NOT NULL,
+        input       INTEGER NOT NULL,
+        unit_id     TEXT NOT NULL,
+        raised_seq  INTEGER NOT NULL,
+        PRIMARY KEY (board, input)
+    ) STRICT, WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build writes.
