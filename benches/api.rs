@@ -22,6 +22,8 @@
 //! snapshot contacts = tenancies = active allocations [8000], `BENCH_RUNS` snapshot
 //! repetitions [3], `BENCH_IDEMPOTENCY=1` sends an `Idempotency-Key` with every command [0].
 
+mod common;
+
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use serde_json::{Value, json};
 use std::path::Path;
@@ -464,36 +466,9 @@ async fn run_phase(
 }
 
 /// The baseline: `n` one-row transactions, each `BEGIN; INSERT; COMMIT` with the gateway's
-/// pragmas, on a fresh file in `dir`.
+/// pragmas, on a fresh file in `dir` (the loop is shared with `benches/limits.rs`).
 fn sqlite_commits(dir: &Path, n: usize) -> Result<Phase> {
-    let conn = rusqlite::Connection::open(dir.join("baseline.db"))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-    let sync: i64 = conn.query_row("PRAGMA synchronous", [], |r| r.get(0))?;
-    ensure!(
-        mode == "wal" && sync == 2,
-        "baseline pragmas did not take: {mode}, {sync}"
-    );
-    conn.execute_batch(
-        "CREATE TABLE allocations (id INTEGER PRIMARY KEY, unit_id TEXT NOT NULL, at TEXT NOT NULL) STRICT",
-    )?;
-    let mut latencies = Vec::with_capacity(n);
-    let started = Instant::now();
-    for i in 0..n {
-        let t = Instant::now();
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        conn.prepare_cached("INSERT INTO allocations (unit_id, at) VALUES (?1, ?2)")?
-            .execute(rusqlite::params![
-                format!("u-{}", i % 512),
-                "2026-03-10T12:00:00.000Z"
-            ])?;
-        conn.execute_batch("COMMIT")?;
-        latencies.push(t.elapsed());
-    }
-    let seconds = started.elapsed().as_secs_f64();
-    let rows: i64 = conn.query_row("SELECT COUNT(*) FROM allocations", [], |r| r.get(0))?;
-    ensure!(rows == n as i64, "baseline wrote {rows} rows, not {n}");
+    let (latencies, seconds) = common::sqlite_commit_loop(dir, n)?;
     Ok(Phase::new(
         "baseline: SQLite INSERT+COMMIT, 1 conn (WAL, FULL)",
         "sqlite_insert_commit_seq",

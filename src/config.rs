@@ -526,6 +526,21 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Largest `PUT /v1/sync/snapshot` body.
     pub max_snapshot_bytes: usize,
+    /// Seconds a client has to send its first request's headers, from connecting; a
+    /// slower or silent connection is closed (slowloris).
+    pub header_read_timeout_s: u64,
+    /// Seconds a keep-alive connection may wait for its next request (idle, then headers)
+    /// before it is closed; at least `header_read_timeout_s`.
+    pub keep_alive_idle_s: u64,
+    /// Seconds a client has to send a whole request body (every route but the snapshot);
+    /// later, the request is answered 408 and the connection closed.
+    pub body_read_timeout_s: u64,
+    /// Seconds a client has to send the whole `PUT /v1/sync/snapshot` body.
+    pub snapshot_read_timeout_s: u64,
+    /// Seconds a client has to complete the TLS handshake.
+    pub tls_handshake_timeout_s: u64,
+    /// Connections served at once; further ones wait in the kernel's backlog.
+    pub max_connections: usize,
     /// How long idempotency keys are remembered.
     pub idempotency_ttl_hours: u32,
     /// The control socket (`unitgate status`): a Unix socket serving a read-only subset of
@@ -545,6 +560,12 @@ impl Default for ApiConfig {
             tls_client_ca: PathBuf::new(),
             max_body_bytes: 1 << 20,
             max_snapshot_bytes: 64 << 20,
+            header_read_timeout_s: 10,
+            keep_alive_idle_s: 60,
+            body_read_timeout_s: 30,
+            snapshot_read_timeout_s: 600,
+            tls_handshake_timeout_s: 10,
+            max_connections: 512,
             idempotency_ttl_hours: 48,
             control_socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
             tokens: Vec::new(),
@@ -1111,6 +1132,26 @@ impl Config {
                 "api.max_snapshot_bytes",
                 "must be between 1024 and 1073741824".into(),
             );
+        }
+        for (key, v) in [
+            ("api.header_read_timeout_s", self.api.header_read_timeout_s),
+            ("api.keep_alive_idle_s", self.api.keep_alive_idle_s),
+            ("api.body_read_timeout_s", self.api.body_read_timeout_s),
+            (
+                "api.snapshot_read_timeout_s",
+                self.api.snapshot_read_timeout_s,
+            ),
+            (
+                "api.tls_handshake_timeout_s",
+                self.api.tls_handshake_timeout_s,
+            ),
+        ] {
+            if !(1..=3600).contains(&v) {
+                bad(key, "must be between 1 and 3600 seconds".into());
+            }
+        }
+        if !(1..=65536).contains(&self.api.max_connections) {
+            bad("api.max_connections", "must be between 1 and 65536".into());
         }
         if self.api.idempotency_ttl_hours == 0 {
             bad("api.idempotency_ttl_hours", "must be at least 1".into());

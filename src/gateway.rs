@@ -8,6 +8,7 @@ use crate::devices::modbus::{InputEvent, RelayBoards};
 use crate::devices::osdp::{self, KeyPress, OsdpOptions};
 use crate::devices::smartlock::{DriverSettings, LockDriver, ReferenceProvider};
 use crate::domain::pin::PinKey;
+use crate::failpoint;
 use crate::gate::GateController;
 use crate::logging::device_span;
 use crate::reconcile::{
@@ -131,6 +132,7 @@ pub fn load_pin_key(path: &Path) -> Result<PinKey, GatewayError> {
                 .map_err(|e| err(e.to_string()))?;
             tmp.write_all(&key)
                 .and_then(|_| tmp.as_file().sync_all())
+                .and_then(|()| failpoint::check(failpoint::PIN_KEY_RENAME_BEFORE))
                 .map_err(|e| err(e.to_string()))?;
             match tmp.persist_noclobber(path) {
                 Ok(_) => {}
@@ -140,6 +142,7 @@ pub fn load_pin_key(path: &Path) -> Result<PinKey, GatewayError> {
                 }
                 Err(e) => return Err(err(e.error.to_string())),
             }
+            failpoint::check(failpoint::PIN_KEY_RENAME_AFTER).map_err(|e| err(e.to_string()))?;
             if let Ok(d) = std::fs::File::open(dir) {
                 let _ = d.sync_all(); // the rename, durable
             }
@@ -418,6 +421,8 @@ impl Gateway {
         let limits = Limits {
             max_body_bytes: cfg.api.max_body_bytes,
             max_snapshot_bytes: cfg.api.max_snapshot_bytes,
+            body_timeout: Duration::from_secs(cfg.api.body_read_timeout_s),
+            snapshot_timeout: Duration::from_secs(cfg.api.snapshot_read_timeout_s),
         };
         let tokens = Tokens::from_config(&cfg.api.tokens);
         let router = http::router_with_cloud(
@@ -496,16 +501,26 @@ impl Gateway {
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let tls_on = tls.is_some();
+        let serve_options = http::ServeOptions {
+            header_read_timeout: Duration::from_secs(cfg.api.header_read_timeout_s),
+            keep_alive_idle: Duration::from_secs(cfg.api.keep_alive_idle_s),
+            max_connections: cfg.api.max_connections,
+        };
         let shutdown = async {
             let _ = stopped.await;
         };
         let server = match tls {
-            Some(config) => tokio::spawn(http::serve(
-                http::tls::TlsListener::new(listener, config, http::tls::HANDSHAKE_TIMEOUT),
+            Some(config) => tokio::spawn(http::serve_with(
+                http::tls::TlsListener::new(
+                    listener,
+                    config,
+                    Duration::from_secs(cfg.api.tls_handshake_timeout_s),
+                ),
                 router,
+                serve_options,
                 shutdown,
             )),
-            None => tokio::spawn(http::serve(listener, router, shutdown)),
+            None => tokio::spawn(http::serve_with(listener, router, serve_options, shutdown)),
         };
         tracing::info!(
             %addr,

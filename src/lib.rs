@@ -24,6 +24,7 @@
 //! - [`logging`]: the tracing subscriber (human or JSON lines) and per-device spans.
 //! - [`secret`]: secrets read from files, never printed.
 //! - [`metrics`]: Prometheus text for `GET /metrics`.
+//! - [`failpoint`]: named failpoints at each durable step (cargo feature `failpoints`).
 
 pub mod api;
 pub mod automation;
@@ -33,6 +34,7 @@ pub mod config;
 pub mod demo;
 pub mod devices;
 pub mod domain;
+pub mod failpoint;
 pub mod gate;
 pub mod gateway;
 pub mod logging;

@@ -133,6 +133,9 @@ async fn run_until_signal(gw: Gateway) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Test builds only (cargo feature `failpoints`): FAILPOINTS arms them for the process.
+    #[cfg(feature = "failpoints")]
+    unitgate::failpoint::arm_from_env().map_err(anyhow::Error::msg)?;
     let cli = Cli::parse();
     match cli.command {
         Cmd::Run {

@@ -22,6 +22,7 @@ use crate::devices::modbus::{BoardState, RelayBoard};
 use crate::devices::smartlock::{self, CommandError, LockHandle, LockState, LockStatus};
 use crate::domain::EventType;
 use crate::domain::desired::{LockTarget, Target};
+use crate::failpoint;
 use crate::store::{StoreError, events, outbox};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -598,10 +599,12 @@ impl Reconciler {
                 let device = self.device.clone();
                 match self.handle.deliver(&p.desired).await {
                     Ok(applied) => {
+                        failpoint::check(failpoint::OUTBOX_APPLIED_BEFORE)?;
                         self.executor
                             .store()
                             .write(move |c| outbox::set_applied(c, &device, &applied))
                             .await?;
+                        failpoint::check(failpoint::OUTBOX_APPLIED_AFTER)?;
                     }
                     Err(f) => {
                         failed = true;

@@ -8,15 +8,11 @@ mod broker;
 mod common;
 
 use axum::body::Bytes;
-use broker::Broker;
+use broker::{Broker, Relay};
 use common::{TestClock, TestGateway, test_config};
 use serde_json::{Value, json};
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use unitgate::cloud::signing::sign;
 use unitgate::config::MqttConfig;
@@ -754,84 +750,6 @@ async fn retained_unit_state_follows_each_change() {
 }
 
 // ---- event delivery ----------------------------------------------------------------------
-
-/// A TCP relay in front of the broker that can refuse connections, so a test decides when
-/// the gateway may reconnect (after the cloud has resubscribed), and can cut the live ones
-/// (the link dies without the broker noticing anything but a closed socket).
-struct Relay {
-    port: u16,
-    open: Arc<AtomicBool>,
-    /// Bytes relayed from the broker to the gateway.
-    down: Arc<AtomicU64>,
-    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Relay {
-    async fn start(upstream: u16) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = l.local_addr().expect("addr").port();
-        let open = Arc::new(AtomicBool::new(true));
-        let down = Arc::new(AtomicU64::new(0));
-        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (gate, count, live) = (open.clone(), down.clone(), conns.clone());
-        let task = tokio::spawn(async move {
-            while let Ok((gw, _)) = l.accept().await {
-                if !gate.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let count = count.clone();
-                let t = tokio::spawn(async move {
-                    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                        return;
-                    };
-                    let (mut gr, mut gw) = gw.into_split();
-                    let (mut ur, mut uw) = up.into_split();
-                    let to_broker = tokio::io::copy(&mut gr, &mut uw);
-                    let to_gateway = async {
-                        let mut buf = vec![0u8; 64 << 10];
-                        loop {
-                            let n = match ur.read(&mut buf).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => n,
-                            };
-                            if gw.write_all(&buf[..n]).await.is_err() {
-                                return;
-                            }
-                            count.fetch_add(n as u64, Ordering::SeqCst);
-                        }
-                    };
-                    tokio::select! {
-                        _ = to_broker => {}
-                        _ = to_gateway => {}
-                    }
-                });
-                live.lock().expect("lock").push(t.abort_handle());
-            }
-        });
-        Relay {
-            port,
-            open,
-            down,
-            conns,
-            task,
-        }
-    }
-
-    /// Closes every relayed connection now (both sockets dropped).
-    fn cut(&self) {
-        for c in self.conns.lock().expect("lock").drain(..) {
-            c.abort();
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.task.abort();
-        self.cut();
-    }
-}
 
 /// Collects events until `last` is seen; checks they come in `seq` order with none missing
 /// after `from`, and that repeats (allowed only across a reconnect) stay within the window.

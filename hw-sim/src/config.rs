@@ -20,12 +20,18 @@ pub struct SiteFile {
 pub struct SimConfig {
     /// Control API address.
     pub control_listen: String,
+    /// Serial devices (keypad or RTU board ids) whose pseudo-terminal behaves like an
+    /// RS-485 line at the device's baud (see [`crate::line`]). Empty (the default): bytes
+    /// move at once, whatever the baud.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub line_timing: Vec<String>,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
         SimConfig {
             control_listen: "127.0.0.1:9900".into(),
+            line_timing: Vec::new(),
         }
     }
 }
@@ -347,6 +353,23 @@ impl SiteFile {
                 p.push(format!("{key}: a board needs coils or inputs"));
             }
         }
+        for (i, id) in self.sim.line_timing.iter().enumerate() {
+            let serial = self
+                .devices
+                .keypads
+                .iter()
+                .any(|k| k.id == *id && !k.port.is_empty())
+                || self
+                    .devices
+                    .relay_boards
+                    .iter()
+                    .any(|b| b.id == *id && b.transport == ModbusTransport::Rtu);
+            if !serial {
+                p.push(format!(
+                    "sim.line_timing[{i}]: {id:?} is no keypad with a port and no RTU board"
+                ));
+            }
+        }
         if let Some(l) = &self.devices.lock_api {
             if !ids.insert(l.id.clone()) {
                 p.push(format!("devices.lock_api.id: {:?} is used twice", l.id));
@@ -413,6 +436,16 @@ mod tests {
         ] {
             assert!(p.contains(key), "missing {key} in {p}");
         }
+        let timed = SiteFile::parse(
+            "[sim]\nline_timing = [\"k\", \"nope\"]\n[[devices.keypads]]\nid = \"k\"\nzone = \"z\"\ntcp = \"127.0.0.1:0\"\n",
+        )
+        .unwrap();
+        let p = timed.validate().unwrap_err().join("\n");
+        assert!(
+            p.contains("sim.line_timing[0]"),
+            "a keypad without a port: {p}"
+        );
+        assert!(p.contains("sim.line_timing[1]"), "no such device: {p}");
         assert!(
             SiteFile::parse("[devices]\nkeypad = []\n").is_err(),
             "unknown keys are refused"

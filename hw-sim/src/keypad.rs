@@ -1,8 +1,10 @@
 //! OSDP keypads: each is a libosdp peripheral device (PD) on its own thread, answering a
 //! control panel (CP) over a pseudo-terminal and/or TCP (see [`link`]).
 //!
-//! The thread sleeps in `poll(2)` on its transports (at most 50 ms while a control panel
-//! talks, 250 ms otherwise), refreshes libosdp, then turns what happened (commands from
+//! The thread sleeps in `poll(2)` on its transports and on a wake-up socket the async side
+//! writes to with every request (at most 50 ms while a control panel talks, 250 ms
+//! otherwise), so a key press is queued in libosdp at once, ahead of the next POLL; it
+//! then refreshes libosdp, then turns what happened (commands from
 //! the CP, frames on the wire) into state and observations. The async side talks to it through a request channel and reads a state
 //! snapshot; it never blocks on the thread.
 //!
@@ -28,7 +30,9 @@ use serde::Serialize;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::fs::File;
+use std::io::Write as _;
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
@@ -194,9 +198,12 @@ pub struct Keypad {
     pty_path: Option<PathBuf>,
     state: Arc<Mutex<KeypadState>>,
     requests: mpsc::Sender<Request>,
+    /// Written to after every request: wakes the thread out of `poll(2)`.
+    wake: Arc<UnixStream>,
     stop: Arc<AtomicBool>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     pty: Arc<Mutex<Option<PtyPair>>>,
+    line_timing: bool,
 }
 
 impl Keypad {
@@ -229,12 +236,20 @@ impl Keypad {
             l.set_nonblocking(true).map_err(SimError::io(what))?;
             (Some(l), Some(addr))
         };
-        let link = Arc::new(Mutex::new(Link::new(
-            &cfg.id,
-            ctx.faults.clone(),
-            pty_file,
-            listener,
-        )));
+        let timed = (pty_file.is_some() && ctx.line_timing.contains(&cfg.id))
+            .then(|| crate::line::LineTiming::n81(cfg.baud));
+        let (wake, woken) = UnixStream::pair()
+            .and_then(|(a, b)| {
+                a.set_nonblocking(true)?;
+                b.set_nonblocking(true)?;
+                Ok((a, b))
+            })
+            .map_err(SimError::io(format!("keypad {}: wake-up socket", cfg.id)))?;
+        let link = Arc::new(Mutex::new(
+            Link::new(&cfg.id, ctx.faults.clone(), pty_file, listener)
+                .line_timing(timed)
+                .waker(woken),
+        ));
         let (cmd_tx, commands) = mpsc::channel();
         let pd = peripheral(cfg, key, link.clone(), cmd_tx)?;
         let state = Arc::new(Mutex::new(KeypadState {
@@ -284,9 +299,11 @@ impl Keypad {
             pty_path: pty.as_ref().map(|p| p.slave_path.clone()),
             state,
             requests,
+            wake: Arc::new(wake),
             stop,
             thread: Arc::new(Mutex::new(Some(thread))),
             pty: Arc::new(Mutex::new(pty)),
+            line_timing: timed.is_some(),
         })
     }
 
@@ -305,6 +322,7 @@ impl Keypad {
             "osdp_address": self.cfg.address,
             "baud": self.cfg.baud,
             "secure_channel": !self.cfg.scbk.is_empty(),
+            "line_timing": self.line_timing,
         })
     }
 
@@ -341,6 +359,7 @@ impl Keypad {
                 reply,
             })
             .map_err(|_| SimError::Osdp(format!("keypad {} is stopped", self.cfg.id)))?;
+        self.wake_thread();
         match tokio::time::timeout(Duration::from_secs(2), answer).await {
             Ok(Ok(result)) => result,
             _ => Err(SimError::Osdp(format!(
@@ -353,6 +372,7 @@ impl Keypad {
     /// Stops the thread and closes the transports (removes the serial link).
     pub async fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.wake_thread();
         let handle = self
             .thread
             .lock()
@@ -367,6 +387,14 @@ impl Keypad {
                 .unwrap_or_else(PoisonError::into_inner)
                 .take(),
         );
+    }
+}
+
+impl Keypad {
+    /// Wakes the thread out of `poll(2)`. A full socket already holds a wake-up, so a
+    /// failed write loses nothing.
+    fn wake_thread(&self) {
+        let _ = (&*self.wake).write(&[1]);
     }
 }
 
@@ -556,6 +584,8 @@ impl Device {
                 wake = wake.min(due);
             }
             self.link().wait(wake.saturating_duration_since(now));
+            // A press that woke the thread is queued before libosdp answers the next POLL.
+            self.handle_requests();
             self.link().begin_refresh();
             // The link is not locked here: libosdp calls back into it.
             self.pd.refresh();

@@ -12,6 +12,7 @@
 //! - [`fault`]: injected faults.
 //! - [`gate`]: gates open when their strike coil energises (the position sensor follows).
 //! - [`pty`]: pseudo-terminal pairs linked where the site file names serial devices.
+//! - [`line`]: RS-485 line timing for those pseudo-terminals (opt-in, `sim.line_timing`).
 //! - [`scenario`]: timed steps with expectations (`hw-sim run`).
 //!
 //! Devices speak the real protocols over real transports; nothing here calls gateway code.
@@ -21,6 +22,7 @@ pub mod control;
 pub mod fault;
 pub mod gate;
 pub mod keypad;
+pub mod line;
 pub mod locks;
 pub mod observe;
 pub mod pty;
@@ -77,6 +79,8 @@ pub struct DeviceContext {
     pub faults: Faults,
     /// Becomes `true` when the simulator stops.
     pub shutdown: watch::Receiver<bool>,
+    /// Serial devices with RS-485 line timing (`sim.line_timing`).
+    pub line_timing: Vec<String>,
 }
 
 /// The running devices.
@@ -116,6 +120,7 @@ impl Sim {
             bus: Bus::new(),
             faults: Faults::default(),
             shutdown,
+            line_timing: site.sim.line_timing.clone(),
         };
         let mut relays = BTreeMap::new();
         for cfg in &site.devices.relay_boards {

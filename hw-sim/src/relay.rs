@@ -27,6 +27,7 @@
 
 use crate::config::{ModbusTransport, RelayBoardConfig};
 use crate::fault::Faults;
+use crate::line::{LineClock, LineTiming, Transit};
 use crate::observe::Bus;
 use crate::pty::PtyPair;
 use crate::{DeviceContext, SimError};
@@ -113,9 +114,13 @@ impl RelayBoard {
                 let address = json!({
                     "transport": "rtu", "serial": cfg.port, "pty": pty.slave_path,
                     "baud": cfg.baud, "parity": cfg.parity, "stop_bits": cfg.stop_bits,
-                    "unit_id": cfg.unit_id,
+                    "unit_id": cfg.unit_id, "line_timing": ctx.line_timing.contains(&cfg.id),
                 });
-                let task = tokio::spawn(run_rtu(board.clone(), pty, stopped));
+                let line = ctx
+                    .line_timing
+                    .contains(&cfg.id)
+                    .then(|| LineClock::new(LineTiming::new(cfg.baud, &cfg.parity, cfg.stop_bits)));
+                let task = tokio::spawn(run_rtu(board.clone(), pty, line, stopped));
                 (address, task)
             }
         };
@@ -752,16 +757,23 @@ fn frame_gap(baud: u32) -> Duration {
 /// How long a write may wait for the panel to read before the queue is flushed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-async fn run_rtu(board: Arc<Board>, mut pty: PtyPair, stopped: impl Future<Output = ()>) {
+async fn run_rtu(
+    board: Arc<Board>,
+    mut pty: PtyPair,
+    mut line: Option<LineClock>,
+    stopped: impl Future<Output = ()>,
+) {
     tokio::select! {
-        () = rtu_loop(&board, &mut pty) => {}
+        () = rtu_loop(&board, &mut pty, &mut line) => {}
         () = stopped => {}
     }
     // Dropping the pair removes the link.
     drop(pty);
 }
 
-async fn rtu_loop(board: &Board, pty: &mut PtyPair) {
+/// With line timing (`line`), a request reaches the board once its bytes and the t3.5
+/// silence that ends it have crossed the line, and answers leave at the baud rate.
+async fn rtu_loop(board: &Board, pty: &mut PtyPair, line: &mut Option<LineClock>) {
     let gap = frame_gap(board.cfg.baud);
     let mut framer = RtuFramer::default();
     let mut chunk = [0u8; 512];
@@ -770,7 +782,8 @@ async fn rtu_loop(board: &Board, pty: &mut PtyPair) {
             if let Some(g) = framer.take_garbage(true) {
                 report_rtu_garbage(board, g);
             }
-            serve_rtu(board, pty, &adu).await;
+            end_of_frame(line).await;
+            serve_rtu(board, pty, line, &adu).await;
         }
         if let Some(g) = framer.take_garbage(false) {
             report_rtu_garbage(board, g);
@@ -783,7 +796,15 @@ async fn rtu_loop(board: &Board, pty: &mut PtyPair) {
             tokio::time::timeout(gap, read).await.ok()
         };
         match got {
-            Some(Ok(n)) if n > 0 => framer.push(&chunk[..n]),
+            Some(Ok(n)) if n > 0 => {
+                if let Some(line) = line.as_mut() {
+                    // The chunk crosses the line behind whatever is still on it.
+                    let start = line.reserve(Instant::now(), n);
+                    let arrived = start + line.timing().wire_time(n);
+                    tokio::time::sleep_until(arrived.into()).await;
+                }
+                framer.push(&chunk[..n]);
+            }
             Some(res) => {
                 // The simulator holds the slave end open, so this is unexpected: back off
                 // rather than spin.
@@ -796,7 +817,8 @@ async fn rtu_loop(board: &Board, pty: &mut PtyPair) {
                     if let Some(g) = framer.take_garbage(true) {
                         report_rtu_garbage(board, g);
                     }
-                    serve_rtu(board, pty, &adu).await;
+                    end_of_frame(line).await;
+                    serve_rtu(board, pty, line, &adu).await;
                 }
                 if let Some(g) = framer.take_garbage(true) {
                     report_rtu_garbage(board, g);
@@ -815,8 +837,37 @@ fn report_rtu_garbage(board: &Board, g: Garbage) {
     );
 }
 
+/// With line timing: a slave knows a frame has ended only after t3.5 of silence.
+async fn end_of_frame(line: &mut Option<LineClock>) {
+    if let Some(line) = line.as_mut() {
+        line.silence(Instant::now(), line.timing().t35());
+        if let Some(free) = line.free_at() {
+            tokio::time::sleep_until(free.into()).await;
+        }
+    }
+}
+
+/// Writes an answer: at once, or with line timing paced at the baud rate once the line is
+/// free, followed by t3.5 of silence.
+async fn send_rtu(pty: &mut PtyPair, line: &mut Option<LineClock>, frame: &[u8]) -> io::Result<()> {
+    let Some(line) = line.as_mut() else {
+        return pty.master.write_all(frame).await;
+    };
+    let mut transit = Transit::new(line.timing());
+    transit.push(line, Instant::now(), frame);
+    let mut due = Vec::with_capacity(frame.len());
+    while let Some(next) = transit.next_due() {
+        tokio::time::sleep_until(next.into()).await;
+        due.clear();
+        transit.take_due(Instant::now(), usize::MAX, &mut due);
+        pty.master.write_all(&due).await?;
+    }
+    line.silence(Instant::now(), line.timing().t35());
+    Ok(())
+}
+
 /// Serves one CRC-checked ADU.
-async fn serve_rtu(board: &Board, pty: &mut PtyPair, adu: &[u8]) {
+async fn serve_rtu(board: &Board, pty: &mut PtyPair, line: &mut Option<LineClock>, adu: &[u8]) {
     let unit = adu[0];
     let pdu = &adu[1..adu.len() - 2];
     let fc = pdu[0];
@@ -849,7 +900,7 @@ async fn serve_rtu(board: &Board, pty: &mut PtyPair, adu: &[u8]) {
         damage(&mut frame);
         tracing::debug!(board = %board.id(), "corrupt fault: answer sent with a bad CRC");
     }
-    match tokio::time::timeout(WRITE_TIMEOUT, pty.master.write_all(&frame)).await {
+    match tokio::time::timeout(WRITE_TIMEOUT, send_rtu(pty, line, &frame)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(board = %board.id(), error = %e, "writing the answer failed"),
         Err(_) => {
@@ -861,6 +912,46 @@ async fn serve_rtu(board: &Board, pty: &mut PtyPair, adu: &[u8]) {
                 tracing::warn!(board = %board.id(), error = %e, "flushing the line failed");
             }
         }
+    }
+}
+
+/// The RTU request framer, for the fuzz targets in `fuzz/` only (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// [`super::RtuFramer`] behind a public face.
+    #[derive(Debug, Default)]
+    pub struct Framer(super::RtuFramer);
+
+    impl Framer {
+        /// Appends received bytes.
+        pub fn push(&mut self, bytes: &[u8]) {
+            self.0.push(bytes);
+        }
+
+        /// The next CRC-checked ADU; `silent`: a frame gap has passed.
+        pub fn next_frame(&mut self, silent: bool) -> Option<Vec<u8>> {
+            self.0.next_frame(silent)
+        }
+
+        /// Bytes still buffered.
+        pub fn buffered(&self) -> usize {
+            self.0.buf.len()
+        }
+
+        /// Garbage bytes dropped and not yet reported.
+        pub fn garbage(&self) -> usize {
+            self.0.garbage.bytes
+        }
+
+        /// Takes the garbage report, as the RTU loop does (`now`: a frame or silence).
+        pub fn take_garbage(&mut self, now: bool) -> Option<usize> {
+            self.0.take_garbage(now).map(|g| g.bytes)
+        }
+    }
+
+    /// CRC-16/MODBUS.
+    pub fn crc16(data: &[u8]) -> u16 {
+        super::crc16(data)
     }
 }
 
@@ -1023,6 +1114,71 @@ mod tests {
         assert!(m.follow(&[0, 1, 0, 0, 0, 0, 1]).is_err(), "length 0");
         let mut m = MbapCheck::default();
         assert!(m.follow(&[0, 1, 0, 0, 1, 0, 1]).is_err(), "length 256");
+    }
+
+    /// Over a real pseudo-terminal with line timing at 9600 8N1: an FC1 read of 728 coils
+    /// is an 8-byte request, t3.5, and a 96-byte answer (91 data bytes): 8.3 + 3.6 + 100 ms
+    /// of wire time before the answer's last byte can be read, and not much more.
+    #[tokio::test]
+    async fn a_timed_rtu_line_takes_the_wire_time() {
+        use tokio_serial::SerialPortBuilderExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let port = dir.path().join("r").display().to_string();
+        let cfg = RelayBoardConfig {
+            id: "r".into(),
+            transport: ModbusTransport::Rtu,
+            address: String::new(),
+            port: port.clone(),
+            baud: 9600,
+            parity: "none".into(),
+            stop_bits: 1,
+            unit_id: 1,
+            coils: 728,
+            inputs: 0,
+            response_delay_ms: 0,
+            timeout_ms: None,
+            poll_ms: None,
+            enabled: None,
+        };
+        let (_stop, shutdown) = watch::channel(false);
+        let ctx = DeviceContext {
+            bus: Bus::new(),
+            faults: Faults::default(),
+            shutdown,
+            line_timing: vec!["r".into()],
+        };
+        let board = RelayBoard::start(&cfg, &ctx).await.unwrap();
+        assert_eq!(board.address()["line_timing"], true);
+        let mut line = tokio_serial::new(&port, 9600).open_native_async().unwrap();
+        let timing = LineTiming::n81(9600);
+        let floor = timing.wire_time(8) + timing.t35() + timing.wire_time(96);
+        let request = seal(vec![0x01, 0x01, 0x00, 0x00, 0x02, 0xD8]);
+        let mut answer = Vec::new();
+        let t0 = Instant::now();
+        line.write_all(&request).await.unwrap();
+        let mut buf = [0u8; 256];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while answer.len() < 96 {
+            let n = tokio::time::timeout_at(deadline, line.read(&mut buf))
+                .await
+                .expect("the answer arrives")
+                .unwrap();
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let took = t0.elapsed();
+        assert_eq!(answer.len(), 96);
+        assert_eq!(&answer[..3], &[0x01, 0x01, 91]);
+        assert!(crc_ok(&answer));
+        assert!(took >= floor, "{took:?} < wire time {floor:?}");
+        // The schedule is absolute (late wake-ups do not add up), so only a stall of the
+        // test's own thread adds to it; the bound is generous for a loaded CI machine yet
+        // catches a board that waits for something else (a frame-gap timeout, the 1 s
+        // write timeout) or paces per byte with a sleep that accumulates.
+        assert!(
+            took < floor + Duration::from_millis(400),
+            "{took:?}: much more than the wire time {floor:?}"
+        );
+        board.stop().await;
     }
 
     #[test]

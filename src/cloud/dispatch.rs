@@ -459,10 +459,18 @@ impl Dispatcher {
             }
         };
         let route = route_of(operation).ok_or_else(|| {
+            // The topic's tail is the sender's: echo a bounded part of it, so the refusal
+            // itself always fits in a packet.
+            let shown: String = operation.chars().take(64).collect();
+            let more = if shown.len() < operation.len() {
+                "…"
+            } else {
+                ""
+            };
             ApiError::new(
                 404,
                 "unknown_operation",
-                format!("no operation {operation:?}; see DESIGN.md §3"),
+                format!("no operation {shown:?}{more}; see DESIGN.md §3"),
             )
         })?;
         let req = build_request(&route, &mut body, &request_id, caller)?;

@@ -15,6 +15,7 @@ use super::webhooks::{SIGNATURE_HEADER, sign};
 use crate::command::Executor;
 use crate::config::HttpsUplinkConfig;
 use crate::domain::Event;
+use crate::failpoint;
 use crate::secret::{Secret, SecretFileError, read_secret_file};
 use crate::store::{StoreError, cloud, events};
 use std::sync::Arc;
@@ -224,10 +225,20 @@ impl HttpsUplink {
                     let last = evs.last().map_or(after, |e| e.seq);
                     match self.post(&evs).await {
                         Outcome::Delivered => {
-                            match store
-                                .write(move |c| cloud::advance_cursor(c, NAME, last))
-                                .await
-                            {
+                            let recorded =
+                                match failpoint::check(failpoint::UPLINK_CURSOR_BEFORE) {
+                                    Ok(()) => {
+                                        store
+                                            .write(move |c| cloud::advance_cursor(c, NAME, last))
+                                            .await
+                                    }
+                                    Err(e) => Err(StoreError::from(e)),
+                                }
+                                .and_then(|()| {
+                                    failpoint::check(failpoint::UPLINK_CURSOR_AFTER)
+                                        .map_err(StoreError::from)
+                                });
+                            match recorded {
                                 Ok(()) => {
                                     delivered = last;
                                     transient.reset();

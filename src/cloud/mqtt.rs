@@ -25,6 +25,7 @@ use super::Links;
 use super::dispatch::{Dispatcher, Done, Inbound, Outbound, Receipt};
 use crate::command::Executor;
 use crate::config::{MqttConfig, MqttProtocol};
+use crate::failpoint;
 use crate::store::{StoreError, events, units};
 use axum::body::Bytes;
 use rumqttc::{TlsConfiguration, Transport};
@@ -1002,13 +1003,21 @@ impl Sender {
         }
     }
 
+    /// Records the delivered `seq` as the durable cursor, between the failpoints
+    /// `mqtt.cursor.before` and `mqtt.cursor.after`. A failure is logged and retried with
+    /// the next acknowledgement: meanwhile a restart re-sends from the stored cursor.
     async fn store_cursor(&mut self) {
         let seq = self.delivered;
-        let r = self
-            .executor
-            .store()
-            .write(move |c| crate::store::cloud::advance_cursor(c, "mqtt", seq))
-            .await;
+        let r = match failpoint::check(failpoint::MQTT_CURSOR_BEFORE) {
+            Ok(()) => {
+                self.executor
+                    .store()
+                    .write(move |c| crate::store::cloud::advance_cursor(c, "mqtt", seq))
+                    .await
+            }
+            Err(e) => Err(StoreError::from(e)),
+        }
+        .and_then(|()| failpoint::check(failpoint::MQTT_CURSOR_AFTER).map_err(StoreError::from));
         if let Err(e) = r {
             let e: StoreError = e;
             tracing::error!(error = %e, "cannot store the MQTT cursor");

@@ -17,6 +17,12 @@ mod frame;
 mod panel;
 mod wire;
 
+/// The frame sniffer, for the fuzz targets in `fuzz/` only (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::frame::{Frame, Sniffed, Sniffer, parse_packet};
+}
+
 use crate::config::KeypadConfig;
 use libosdp::{
     OsdpCommand, OsdpCommandBuzzer, OsdpCommandLed, OsdpCommandText, OsdpLedColor, OsdpLedParams,

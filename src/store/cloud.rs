@@ -1,6 +1,7 @@
 //! The cloud link's durable state: uplink cursors, cloud clients' nonces, webhook ids.
 
 use super::StoreError;
+use crate::failpoint;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// The last event `seq` an uplink has had acknowledged (0 before the first).
@@ -17,11 +18,12 @@ pub fn cursor(conn: &Connection, uplink: &str) -> Result<i64, StoreError> {
 
 /// Moves an uplink's cursor forward to `seq` (never back).
 pub fn advance_cursor(conn: &Connection, uplink: &str, seq: i64) -> Result<(), StoreError> {
-    conn.execute(
+    // Cached: the MQTT uplink stores its cursor after every acknowledged publish.
+    conn.prepare_cached(
         "INSERT INTO uplink_cursors (uplink, seq) VALUES (?1, ?2)
          ON CONFLICT (uplink) DO UPDATE SET seq = max(seq, excluded.seq)",
-        params![uplink, seq],
-    )?;
+    )?
+    .execute(params![uplink, seq])?;
     Ok(())
 }
 
@@ -80,6 +82,7 @@ pub fn take_webhook_event(
     event_id: &str,
     received_at: &str,
 ) -> Result<bool, StoreError> {
+    failpoint::check(failpoint::WEBHOOK_RECORD_BEFORE)?;
     let n = conn.execute(
         "INSERT INTO webhook_events (source, event_id, received_at) VALUES (?1, ?2, ?3)
          ON CONFLICT DO NOTHING",

@@ -1,6 +1,7 @@
 //! Stored responses of mutating requests, keyed by `Idempotency-Key` (or MQTT `request_id`).
 
 use super::StoreError;
+use crate::failpoint;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// A response as first sent.
@@ -35,6 +36,7 @@ pub fn put(
     reply: &StoredReply,
     now_unix: i64,
 ) -> Result<(), StoreError> {
+    failpoint::check(failpoint::IDEMPOTENCY_RECORD_BEFORE)?;
     conn.prepare_cached(
         "INSERT INTO idempotency (key, fingerprint, status, body, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?

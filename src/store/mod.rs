@@ -16,6 +16,7 @@ pub mod schema;
 pub mod site;
 pub mod units;
 
+use crate::failpoint;
 use rusqlite::{Connection, OpenFlags};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -141,6 +142,21 @@ fn configure_writer(conn: &Connection) -> Result<(), StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", true)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    stable_plans(conn)?;
+    Ok(())
+}
+
+/// Turns on SQLite's query planner stability guarantee: a statement's plan no longer
+/// depends on the values bound to it. Without it, a statement whose planning looked at a
+/// bound value (any `col = ?` the planner weighs, `LIMIT ?`) is marked to be re-planned,
+/// and rusqlite's statement cache clears the bindings of every statement it takes back,
+/// so each use of such a cached statement parsed and planned it again (issue 9: the unit
+/// query, three joins, was re-prepared on every call, half of a command's instructions).
+fn stable_plans(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     Ok(())
 }
 
@@ -255,6 +271,7 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
             | OpenFlags::SQLITE_OPEN_URI,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    stable_plans(&conn)?;
     Ok(conn)
 }
 
@@ -269,7 +286,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = exec_cached(&conn, "BEGIN IMMEDIATE") {
             tracing::error!(error = %e, "store: cannot begin a transaction");
             // Jobs are dropped unanswered: callers see `Closed`-like failure, nothing applied.
             batch.clear();
@@ -278,11 +295,18 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
         for job in batch.drain(..) {
             answers.push(run_job(&conn, job));
         }
-        let commit = conn.execute_batch("COMMIT").map_err(StoreError::from);
+        let commit = failpoint::check(failpoint::STORE_COMMIT_BEFORE)
+            .map_err(StoreError::from)
+            .and_then(|()| exec_cached(&conn, "COMMIT"));
         if let Err(e) = &commit {
             tracing::error!(error = %e, "store: commit failed; the batch is rolled back");
             let _ = conn.execute_batch("ROLLBACK");
         }
+        // Durable, not yet answered: an `error` here is an acknowledgement that never
+        // reaches its caller (who retries with the same idempotency key).
+        let commit = commit.and_then(|()| {
+            failpoint::check(failpoint::STORE_COMMIT_AFTER).map_err(StoreError::from)
+        });
         for answer in answers.drain(..) {
             answer(match &commit {
                 Ok(()) => Ok(()),
@@ -293,7 +317,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>) {
 }
 
 fn run_job(conn: &Connection, job: Job) -> Box<dyn FnOnce(Result<(), StoreError>) + Send> {
-    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+    if let Err(e) = exec_cached(conn, "SAVEPOINT job") {
         tracing::error!(error = %e, "store: cannot open a savepoint");
         return Box::new(|_| {});
     }
@@ -304,7 +328,12 @@ fn run_job(conn: &Connection, job: Job) -> Box<dyn FnOnce(Result<(), StoreError>
             } else {
                 "ROLLBACK TO job; RELEASE job"
             };
-            if let Err(e) = conn.execute_batch(end) {
+            let ended = if done.keep {
+                exec_cached(conn, end)
+            } else {
+                conn.execute_batch(end).map_err(StoreError::from)
+            };
+            if let Err(e) = ended {
                 tracing::error!(error = %e, "store: savepoint end failed");
             }
             done.answer
@@ -318,6 +347,14 @@ fn run_job(conn: &Connection, job: Job) -> Box<dyn FnOnce(Result<(), StoreError>
     }
 }
 
+/// Runs one statement through the connection's statement cache: the writer runs
+/// `BEGIN`/`SAVEPOINT`/`RELEASE`/`COMMIT` several times per job, and `execute_batch` would
+/// parse each afresh (issue 9).
+fn exec_cached(conn: &Connection, sql: &str) -> Result<(), StoreError> {
+    conn.prepare_cached(sql)?.execute([])?;
+    Ok(())
+}
+
 /// Runs `f` inside a nested savepoint: all of it or none of it.
 pub fn atomically<T, E>(
     conn: &Connection,
@@ -326,12 +363,10 @@ pub fn atomically<T, E>(
 where
     E: From<StoreError>,
 {
-    conn.execute_batch("SAVEPOINT inner")
-        .map_err(StoreError::from)?;
+    exec_cached(conn, "SAVEPOINT inner")?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE inner")
-                .map_err(StoreError::from)?;
+            exec_cached(conn, "RELEASE inner")?;
             Ok(v)
         }
         Err(e) => {

@@ -8,6 +8,7 @@
 
 use super::StoreError;
 use crate::domain::desired::Target;
+use crate::failpoint;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// A target waiting for delivery.
@@ -27,6 +28,7 @@ pub struct Pending {
 
 /// Sets a target's desired state. Returns whether the row is now pending.
 pub fn set_desired(conn: &Connection, device: &str, target: &Target) -> Result<bool, StoreError> {
+    failpoint::check(failpoint::OUTBOX_DESIRED_BEFORE)?;
     let key = target.key();
     let desired = serde_json::to_string(target)?;
     let row: Option<(String, Option<String>)> = conn
@@ -107,7 +109,9 @@ pub fn set_applied(conn: &Connection, device: &str, state: &Target) -> Result<()
     Ok(())
 }
 
-/// Records a failed delivery and when to try again.
+/// Records a failed delivery and when to try again. The device's state becomes unknown
+/// (`applied` NULL): a request whose answer was lost or late may have been carried out, so
+/// whatever is desired next is delivered, even the state last confirmed.
 pub fn set_failed(
     conn: &Connection,
     device: &str,
@@ -116,7 +120,8 @@ pub fn set_failed(
     next_attempt_ms: i64,
 ) -> Result<(), StoreError> {
     conn.prepare_cached(
-        "UPDATE device_targets SET attempts = attempts + 1, last_error = ?3, next_attempt_ms = ?4
+        "UPDATE device_targets SET applied = NULL, attempts = attempts + 1, last_error = ?3,
+            next_attempt_ms = ?4
          WHERE device = ?1 AND target = ?2",
     )?
     .execute(params![device, key, error, next_attempt_ms])?;
@@ -199,6 +204,12 @@ mod tests {
                 // Delivered.
                 set_applied(c, "locks", &assigned())?;
                 assert_eq!(depth(c, "locks")?, (0, None));
+                // A failed delivery may have landed: undoing the change still sends it.
+                set_desired(c, "locks", &lock(LockTarget::Unassigned))?;
+                set_failed(c, "locks", "lock:lock-1", "timed out", 0)?;
+                assert!(set_desired(c, "locks", &assigned())?, "state unknown");
+                assert_eq!(due(c, "locks", 0, 10)?[0].desired, assigned());
+                set_applied(c, "locks", &assigned())?;
                 // The device drifted (read-back): pending again toward the desired state.
                 set_applied(c, "locks", &lock(LockTarget::Unassigned))?;
                 assert_eq!(due(c, "locks", 0, 10)?[0].desired, assigned());

@@ -5,7 +5,10 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ENV: &str = "UNITGATE_TEST_BROKER";
 
@@ -83,6 +86,7 @@ impl Broker {
     }
 
     /// `mqtt://127.0.0.1:{port}` of the v5 or the v3.1.1 listener.
+    #[allow(dead_code, reason = "not every test binary connects directly")]
     pub fn url(&self, v5: bool) -> String {
         format!("mqtt://127.0.0.1:{}", if v5 { self.v5 } else { self.v4 })
     }
@@ -130,4 +134,90 @@ pub fn serve_if_child() {
     .expect("broker config");
     let mut broker = rumqttd::Broker::new(config);
     broker.start().expect("broker runs");
+}
+
+/// A TCP relay in front of the broker that can refuse connections, so a test decides when
+/// the gateway may reconnect (after the cloud has resubscribed), and can cut the live ones
+/// (the link dies without the broker noticing anything but a closed socket).
+#[allow(dead_code, reason = "not every test binary relays")]
+pub struct Relay {
+    /// The port the gateway connects to.
+    pub port: u16,
+    /// Whether new connections are let through.
+    pub open: Arc<AtomicBool>,
+    /// Bytes relayed from the broker to the gateway.
+    pub down: Arc<AtomicU64>,
+    conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[allow(dead_code, reason = "not every test binary relays")]
+impl Relay {
+    /// Listens on a free port, relaying to the broker's `upstream` port.
+    pub async fn start(upstream: u16) -> Relay {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let open = Arc::new(AtomicBool::new(true));
+        let down = Arc::new(AtomicU64::new(0));
+        let conns: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (gate, count, live) = (open.clone(), down.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((gw, _)) = l.accept().await {
+                if !gate.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let count = count.clone();
+                let t = tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    else {
+                        return;
+                    };
+                    let (mut gr, mut gw) = gw.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let to_broker = tokio::io::copy(&mut gr, &mut uw);
+                    let to_gateway = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = match ur.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if gw.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                            count.fetch_add(n as u64, Ordering::SeqCst);
+                        }
+                    };
+                    tokio::select! {
+                        _ = to_broker => {}
+                        _ = to_gateway => {}
+                    }
+                });
+                live.lock().expect("lock").push(t.abort_handle());
+            }
+        });
+        Relay {
+            port,
+            open,
+            down,
+            conns,
+            task,
+        }
+    }
+
+    /// Closes every relayed connection now (both sockets dropped).
+    pub fn cut(&self) {
+        for c in self.conns.lock().expect("lock").drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
 }

@@ -6,9 +6,15 @@
 //! Replies go to the transport the last command frame came from. Everything worth telling
 //! (frames seen, garbage, replies sent or damaged, connections) is queued as [`Note`]s for
 //! the device loop, which owns state and observations.
+//!
+//! With line timing ([`Link::line_timing`]) the pseudo-terminal behaves like an RS-485 line
+//! at the keypad's baud ([`crate::line`]): the control panel's bytes reach libosdp one
+//! character time apart once the line is free, and replies leave paced at the baud rate,
+//! after the command that asked for them has finished.
 
 use super::frame::{self, Sniffed, Sniffer};
 use crate::fault::Faults;
+use crate::line::{self, LineClock, LineTiming, Transit};
 use libosdp::{Channel, ChannelError};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use serde::Serialize;
@@ -17,6 +23,7 @@ use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -90,6 +97,18 @@ struct Delayed {
     code: Option<u8>,
 }
 
+/// The serial line's timing and the bytes in transit on it.
+struct Timed {
+    clock: LineClock,
+    /// Control panel → keypad.
+    rx: Transit,
+    /// Keypad → control panel.
+    tx: Transit,
+    /// Replies in `tx`, oldest first: bytes not yet written, reply code.
+    replies: VecDeque<(usize, Option<u8>)>,
+    scratch: Vec<u8>,
+}
+
 /// The transports and what is in flight on them.
 pub(crate) struct Link {
     device: String,
@@ -105,6 +124,9 @@ pub(crate) struct Link {
     delayed: VecDeque<Delayed>,
     notes: Vec<Note>,
     scratch: Vec<Sniffed>,
+    timed: Option<Timed>,
+    /// The keypad's wake-up socket: readable when a request waits.
+    waker: Option<UnixStream>,
 }
 
 impl Link {
@@ -130,17 +152,37 @@ impl Link {
             delayed: VecDeque::new(),
             notes: Vec::new(),
             scratch: Vec::new(),
+            timed: None,
+            waker: None,
         }
     }
 
-    /// Sleeps until a transport has something (or `timeout`), then accepts new TCP
+    /// Gives the pseudo-terminal RS-485 line timing (`None`: bytes move at once).
+    pub fn line_timing(mut self, timing: Option<LineTiming>) -> Link {
+        self.timed = timing.map(|t| Timed {
+            clock: LineClock::new(t),
+            rx: Transit::new(t),
+            tx: Transit::new(t),
+            replies: VecDeque::new(),
+            scratch: Vec::new(),
+        });
+        self
+    }
+
+    /// Also wakes [`Link::wait`] when `waker` turns readable (a non-blocking socket).
+    pub fn waker(mut self, waker: UnixStream) -> Link {
+        self.waker = Some(waker);
+        self
+    }
+
+    /// Sleeps until a transport (or the waker) has something (or `timeout`), then accepts new TCP
     /// connections. Never longer than `timeout`.
     pub fn wait(&mut self, timeout: Duration) {
         let now = Instant::now();
         let pty_ok = self.pty_quiet_until.is_none_or(|t| now >= t);
         let listener_ok = self.listener_quiet_until.is_none_or(|t| now >= t);
         let (pty_hup, listener_ready) = {
-            let mut fds = Vec::with_capacity(3);
+            let mut fds = Vec::with_capacity(4);
             let mut pty_at = None;
             let mut listener_at = None;
             if let (Some(p), true) = (&self.pty, pty_ok) {
@@ -154,7 +196,11 @@ impl Link {
             if let Some(c) = &self.conn {
                 fds.push(PollFd::new(c.stream.as_fd(), PollFlags::POLLIN));
             }
-            let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+            if let Some(w) = &self.waker {
+                fds.push(PollFd::new(w.as_fd(), PollFlags::POLLIN));
+            }
+            // Rounded up: a sub-millisecond wait for a byte on a timed line must not spin.
+            let ms = PollTimeout::try_from(line::ceil_ms(timeout)).unwrap_or(PollTimeout::MAX);
             if nix::poll::poll(&mut fds, ms).is_err() {
                 // EINTR or the like: the caller's loop comes straight back.
                 return;
@@ -170,6 +216,11 @@ impl Link {
                 revents(listener_at).contains(PollFlags::POLLIN),
             )
         };
+        if let Some(mut w) = self.waker.as_ref() {
+            // Drain the wake-ups (non-blocking): the caller handles every request anyway.
+            let mut buf = [0u8; 64];
+            while matches!(w.read(&mut buf), Ok(n) if n > 0) {}
+        }
         if pty_hup {
             self.pty_quiet_until = Some(now + QUIET);
             self.notes.push(Note::SerialError {
@@ -254,20 +305,12 @@ impl Link {
 
     fn read_any(&mut self, buf: &mut [u8]) -> Option<(Via, usize)> {
         let now = Instant::now();
-        if let Some(p) = self.pty.as_mut()
-            && self.pty_quiet_until.is_none_or(|t| now >= t)
-        {
-            match p.read(buf) {
-                Ok(n) if n > 0 => return Some((Via::Serial, n)),
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
-                Err(e) => {
-                    self.pty_quiet_until = Some(now + QUIET);
-                    self.notes.push(Note::SerialError {
-                        reason: e.to_string(),
-                    });
-                }
+        if self.timed.is_some() {
+            if let Some(n) = self.read_timed(now, buf) {
+                return Some((Via::Serial, n));
             }
+        } else if let Some(n) = self.read_pty(now, buf) {
+            return Some((Via::Serial, n));
         }
         if let Some(c) = self.conn.as_mut() {
             match c.stream.read(buf) {
@@ -281,6 +324,41 @@ impl Link {
             }
         }
         None
+    }
+
+    /// Reads the pseudo-terminal as it is.
+    fn read_pty(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let p = self.pty.as_mut()?;
+        if self.pty_quiet_until.is_some_and(|t| now < t) {
+            return None;
+        }
+        match p.read(buf) {
+            Ok(n) if n > 0 => Some(n),
+            Ok(_) => None,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => None,
+            Err(e) => {
+                self.pty_quiet_until = Some(now + QUIET);
+                self.notes.push(Note::SerialError {
+                    reason: e.to_string(),
+                });
+                None
+            }
+        }
+    }
+
+    /// Timed line: everything the pseudo-terminal holds goes on the line now; what has
+    /// crossed it by `now` is read.
+    fn read_timed(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let mut chunk = [0u8; 512];
+        while let Some(n) = self.read_pty(now, &mut chunk) {
+            let t = self.timed.as_mut()?;
+            t.rx.push(&mut t.clock, now, &chunk[..n]);
+        }
+        let t = self.timed.as_mut()?;
+        t.scratch.clear();
+        let n = t.rx.take_due(now, buf.len(), &mut t.scratch);
+        buf[..n].copy_from_slice(&t.scratch[..n]);
+        (n > 0).then_some(n)
     }
 
     fn sniff(&mut self, via: Via, n: usize, buf: &[u8]) {
@@ -377,21 +455,81 @@ impl Link {
         });
     }
 
-    /// When the next held-back reply is due.
+    /// When the next held-back reply is due, or (timed line) the next byte crosses.
     pub fn next_due(&self) -> Option<Instant> {
-        self.delayed.front().map(|d| d.due)
+        let timed = self.timed.as_ref().and_then(|t| {
+            [t.rx.next_due(), t.tx.next_due()]
+                .into_iter()
+                .flatten()
+                .min()
+        });
+        [self.delayed.front().map(|d| d.due), timed]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
-    /// Sends held-back replies that are due.
+    /// Sends held-back replies that are due, and (timed line) the reply bytes whose wire
+    /// time has come.
     pub fn flush_due(&mut self, now: Instant) {
         while self.delayed.front().is_some_and(|d| d.due <= now) {
             if let Some(d) = self.delayed.pop_front() {
                 self.send(d.via, &d.bytes, d.code);
             }
         }
+        self.pace(now);
+    }
+
+    /// Timed line: writes the reply bytes that have crossed the line by `now`.
+    fn pace(&mut self, now: Instant) {
+        let Some(t) = self.timed.as_mut() else {
+            return;
+        };
+        t.scratch.clear();
+        let n = t.tx.take_due(now, usize::MAX, &mut t.scratch);
+        if n == 0 {
+            return;
+        }
+        let result = match self.pty.as_mut() {
+            Some(p) => write_some(p, &t.scratch),
+            None => Ok(0),
+        };
+        match result {
+            Ok(sent) if sent < n => {
+                tracing::warn!(device = %self.device, sent, of = n, "reply cut short: the line is full")
+            }
+            Ok(_) => {}
+            Err(e) => self.notes.push(Note::SerialError {
+                reason: e.to_string(),
+            }),
+        }
+        // Replies whose last byte has now crossed are sent.
+        let mut left = n;
+        while let Some((rest, code)) = t.replies.front_mut() {
+            let k = left.min(*rest);
+            *rest -= k;
+            left -= k;
+            if *rest > 0 {
+                break;
+            }
+            let code = *code;
+            t.replies.pop_front();
+            self.notes.push(Note::ReplySent {
+                via: Via::Serial,
+                code,
+            });
+        }
     }
 
     fn send(&mut self, via: Via, bytes: &[u8], code: Option<u8>) {
+        if via == Via::Serial
+            && let Some(t) = self.timed.as_mut()
+        {
+            // Onto the line behind the command (half duplex); `pace` writes it out.
+            t.tx.push(&mut t.clock, Instant::now(), bytes);
+            t.replies.push_back((bytes.len(), code));
+            return;
+        }
         let result = match via {
             Via::Serial => match self.pty.as_mut() {
                 Some(p) => write_some(p, bytes),
@@ -432,6 +570,11 @@ impl Link {
         self.listener = None;
         self.conn = None;
         self.delayed.clear();
+        if let Some(t) = self.timed.as_mut() {
+            t.rx.clear();
+            t.tx.clear();
+            t.replies.clear();
+        }
     }
 }
 

@@ -92,7 +92,76 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Authorized<S> {
     }
 }
 
-/// A JSON body: 415 without `Content-Type: application/json`, 413 over the limit, 400 when
+/// How long a route lets a client take to send its whole body (a request extension; the
+/// innermost layer setting it wins, as with `DefaultBodyLimit`).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline(pub std::time::Duration);
+
+/// The deadline when no layer set one.
+const DEFAULT_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the whole body within the route's [`BodyDeadline`] and body limit: 413 at once
+/// when `Content-Length` already says it is over the limit (nothing read), 413 when a
+/// chunked body grows past it, 408 when the client is too slow, 400 when the body breaks
+/// off or is malformed (bad chunk encoding).
+pub async fn read_body(req: Request, state: &AppState) -> Result<Bytes, ApiError> {
+    use axum::RequestExt;
+    use axum::body::HttpBody;
+    let too_large = || {
+        ApiError::new(
+            413,
+            "payload_too_large",
+            "the request body is larger than this route accepts",
+        )
+    };
+    let deadline = req
+        .extensions()
+        .get::<BodyDeadline>()
+        .map_or(DEFAULT_BODY_DEADLINE, |d| d.0);
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let req = req.with_limited_body();
+    // The limited body's upper bound is min(limit, Content-Length): a declared length above
+    // it is over the limit.
+    if let (Some(len), Some(upper)) = (declared, req.body().size_hint().upper())
+        && len > upper
+    {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(deadline, Bytes::from_request(req, state)).await {
+        Err(_) => Err(ApiError::new(
+            408,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                deadline.as_secs()
+            ),
+        )),
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(r)) if r.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(too_large()),
+        Ok(Err(r)) => Err(ApiError::new(
+            400,
+            "bad_request",
+            format!("cannot read the request body: {r}"),
+        )),
+    }
+}
+
+/// A raw body read by [`read_body`].
+pub struct RawBody(pub Bytes);
+
+impl FromRequest<AppState> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        read_body(req, state).await.map(RawBody)
+    }
+}
+
+/// A JSON body: 415 without `Content-Type: application/json`, 413 over the limit, 408 too slow ([`read_body`]), 400 when
 /// it does not parse, 422 (naming the field) when it does not fit. An empty body is `{}`.
 pub struct JsonBody<T> {
     /// The typed body.
@@ -122,21 +191,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
                 mime == "application/json"
                     || (mime.starts_with("application/") && mime.ends_with("+json"))
             });
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    413,
-                    "payload_too_large",
-                    "the request body is larger than this route accepts",
-                )
-            } else {
-                ApiError::new(
-                    400,
-                    "bad_request",
-                    format!("cannot read the request body: {r}"),
-                )
-            }
-        })?;
+        let bytes = read_body(req, state).await?;
         let value: serde_json::Value = if bytes.is_empty() {
             serde_json::Value::Object(Default::default())
         } else {

@@ -1,4 +1,5 @@
-//! The HTTP API (axum): routes, auth, the error shape on every failure, and the server.
+//! The HTTP API (axum): routes, auth, the error shape on every failure, and the server
+//! (hyper, with header, body and connection limits against slow or hostile clients).
 
 pub mod auth;
 pub mod extract;
@@ -16,6 +17,10 @@ use axum::response::{IntoResponse, Response};
 use extract::{ErrorMarker, RequestId, new_request_id};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 /// What every handler can reach.
@@ -50,6 +55,10 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// The snapshot.
     pub max_snapshot_bytes: usize,
+    /// Time to receive a whole body, every route but the snapshot (408 after).
+    pub body_timeout: Duration,
+    /// Time to receive the whole snapshot body.
+    pub snapshot_timeout: Duration,
 }
 
 /// Builds the router with its middleware (no devices).
@@ -101,6 +110,7 @@ pub fn router_with_cloud(
             )
         })
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(axum::Extension(extract::BodyDeadline(limits.body_timeout)))
         .layer(axum::middleware::from_fn(envelope))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             tracing::error!("a request handler panicked");
@@ -190,8 +200,33 @@ async fn envelope(mut req: Request, next: Next) -> Response {
     res
 }
 
+/// How [`serve_with`] treats connections.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeOptions {
+    /// Time a client has to send its first request's headers, from accepting the
+    /// connection (a silent or trickling client is closed: slowloris).
+    pub header_read_timeout: Duration,
+    /// Time an HTTP/1.1 keep-alive connection may wait for its next request's headers,
+    /// from the end of the previous request. Longer than `header_read_timeout`, so a
+    /// pooled client connection is not cut while the client is about to reuse it (hyper
+    /// times the idle wait and the next headers as one).
+    pub keep_alive_idle: Duration,
+    /// Connections served at once; further ones wait in the kernel's listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_idle: Duration::from_secs(60),
+            max_connections: 512,
+        }
+    }
+}
+
 /// Serves `router` on `listener` (TCP, or [`tls::TlsListener`]) until `shutdown` resolves,
-/// then drains in-flight requests.
+/// then drains in-flight requests; with the default [`ServeOptions`].
 pub async fn serve<L>(
     listener: L,
     router: Router,
@@ -201,7 +236,121 @@ where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
 {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    serve_with(listener, router, ServeOptions::default(), shutdown).await
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting, closes
+/// connections that have not sent a request yet, lets in-flight requests finish and
+/// returns once every connection has ended. Dropping the future drops every connection.
+///
+/// Unlike `axum::serve`, a client cannot hold a connection without sending a request:
+/// headers must arrive within [`ServeOptions::header_read_timeout`] (slowloris).
+pub async fn serve_with<L>(
+    mut listener: L,
+    router: Router,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let permits = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut connections = JoinSet::new();
+    loop {
+        let permit = tokio::select! {
+            _ = &mut shutdown => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (io, peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            c = listener.accept() => c,
+        };
+        connections.spawn(serve_connection(
+            io,
+            format!("{peer:?}"),
+            router.clone(),
+            options,
+            stop_rx.clone(),
+            permit,
+        ));
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// One connection, HTTP/1.1 or HTTP/2, until it ends, times out before its first request,
+/// or the server stops.
+async fn serve_connection<I>(
+    io: I,
+    peer: String,
+    router: Router,
+    options: ServeOptions,
+    mut stop: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let requested = Arc::new(AtomicBool::new(false));
+    let service = {
+        let requested = requested.clone();
+        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            requested.store(true, Ordering::Relaxed);
+            router.clone().oneshot(req.map(axum::body::Body::new))
+        })
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.keep_alive_idle.max(options.header_read_timeout));
+    builder.http2().timer(TokioTimer::new());
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let mut conn = std::pin::pin!(conn);
+    // hyper times out HTTP/1 headers once it knows the protocol; this also covers the bytes
+    // before that (the HTTP/2 preface sniffing) and HTTP/2's first request.
+    let header_read_timeout = options.header_read_timeout;
+    let first = tokio::time::sleep(header_read_timeout);
+    let mut first = std::pin::pin!(first);
+    let (mut stopping, mut first_done) = (false, false);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            // (A guard is only looked at when the select starts: check again when it fires.)
+            _ = &mut first, if !first_done => {
+                first_done = true;
+                if requested.load(Ordering::Relaxed) {
+                    continue;
+                }
+                tracing::debug!(
+                    %peer,
+                    timeout_s = header_read_timeout.as_secs_f32(),
+                    "no request headers in time; connection closed"
+                );
+                return;
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                if !requested.load(Ordering::Relaxed) {
+                    return;
+                }
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
 }

@@ -106,7 +106,10 @@ pub fn api(limits: Limits) -> OpenApiRouter<AppState> {
     STARTED.get_or_init(std::time::Instant::now);
     let snapshot = OpenApiRouter::new()
         .routes(routes!(put_snapshot))
-        .layer(DefaultBodyLimit::max(limits.max_snapshot_bytes));
+        .layer(DefaultBodyLimit::max(limits.max_snapshot_bytes))
+        .layer(axum::Extension(super::extract::BodyDeadline(
+            limits.snapshot_timeout,
+        )));
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(reserve))
         .routes(routes!(grant_access))
@@ -141,6 +144,8 @@ pub fn openapi_document() -> &'static str {
         let limits = Limits {
             max_body_bytes: 1,
             max_snapshot_bytes: 1,
+            body_timeout: std::time::Duration::from_secs(1),
+            snapshot_timeout: std::time::Duration::from_secs(1),
         };
         api(limits)
             .into_openapi()
@@ -938,7 +943,7 @@ async fn webhook(
     rid: RequestId,
     Path(source): Path<String>,
     headers: axum::http::HeaderMap,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    body: Result<super::extract::RawBody, ApiError>,
 ) -> Result<Response, ApiError> {
     let Some(src) = s.webhooks.get(&source) else {
         return Err(ApiError::new(
@@ -947,17 +952,7 @@ async fn webhook(
             format!("no webhook source {source:?} is configured"),
         ));
     };
-    let body = body.map_err(|r| {
-        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                413,
-                "payload_too_large",
-                "the request body is larger than this route accepts",
-            )
-        } else {
-            ApiError::new(400, "bad_request", "cannot read the request body")
-        }
-    })?;
+    let body = body?.0;
     let sig = headers
         .get(crate::cloud::webhooks::SIGNATURE_HEADER)
         .map(|v| v.to_str().unwrap_or(""));
