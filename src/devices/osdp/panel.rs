@@ -1,6 +1,5 @@
 //! The control panel thread: builds libosdp's `ControlPanel` on the bus's transport,
-//! refreshes it every few tens of milliseconds (waking early for commands, just after a
-//! POLL falls due, and every millisecond while a reply is awaited), matches
+//! refreshes it every few tens of milliseconds (waking early for commands), matches
 //! commands to the keypads' ACK/NAK read off the wire, hands key presses to tokio,
 //! publishes health, and rebuilds everything after a backoff when a keypad or the
 //! transport is lost.
@@ -23,13 +22,6 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// libosdp probes an unanswering keypad about once a second; quieter than this means it
 /// has given up (its own retry is 300 s away).
 const GIVEN_UP_QUIET: Duration = Duration::from_millis(1500);
-/// libosdp's CP polls a keypad once more than this has passed since it last sent a POLL
-/// or read a good reply (`OSDP_PD_POLL_TIMEOUT_MS` and `pd->tstamp` in libosdp-sys 3.2.7).
-const LIBOSDP_POLL: Duration = Duration::from_millis(50);
-/// Refresh interval while a keypad's reply is awaited, and the shortest wait at all.
-const REPLY_CHECK: Duration = Duration::from_millis(1);
-/// How long after a frame its reply is hurried for (libosdp's reply timeout is 200 ms).
-const REPLY_WAIT: Duration = Duration::from_millis(250);
 /// Events one refresh may collect before the rest are dropped (a flooding keypad).
 const MAX_EVENTS: usize = 256;
 
@@ -70,8 +62,6 @@ struct Pad {
     reported: bool,
     last_reply: Option<Instant>,
     last_sent: Option<(u8, Instant)>,
-    /// A frame went out and its reply has not been read yet.
-    awaiting: bool,
     last_reply_code: Option<u8>,
     bad_check: bool,
     /// When it stopped being online in this panel (or the panel was built).
@@ -87,7 +77,6 @@ impl Pad {
         self.reported = false;
         self.last_reply = None;
         self.last_sent = None;
-        self.awaiting = false;
         self.last_reply_code = None;
         self.bad_check = false;
         self.down_since = now;
@@ -213,7 +202,6 @@ impl Panel {
                 reported: false,
                 last_reply: None,
                 last_sent: None,
-                awaiting: false,
                 last_reply_code: None,
                 bad_check: false,
                 down_since: now,
@@ -358,7 +346,7 @@ impl Panel {
             {
                 break End::Rebuild;
             }
-            match self.requests.recv_timeout(self.next_wait(Instant::now())) {
+            match self.requests.recv_timeout(self.options.refresh) {
                 Ok(r) => self.submit(&mut cp, r),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(self.options.refresh),
@@ -387,29 +375,6 @@ impl Panel {
             self.idle(delay);
         }
         end
-    }
-
-    /// How long to wait (for a request) before the next refresh: `refresh` at most, less
-    /// when libosdp has work due sooner. An online keypad's reply is awaited (a frame sent
-    /// since its last reply): refresh every [`REPLY_CHECK`], so the reply is read as soon
-    /// as it lands. Otherwise refresh just after libosdp's next POLL falls due
-    /// ([`LIBOSDP_POLL`] after the last frame sent or reply read), not up to `refresh` later.
-    fn next_wait(&self, now: Instant) -> Duration {
-        let mut wait = self.options.refresh;
-        for p in self.pads.iter().filter(|p| p.online) {
-            let Some((_, sent)) = p.last_sent else {
-                continue;
-            };
-            // A reply lost for good: libosdp gives up on it after 200 ms; stop hurrying.
-            if p.awaiting && now.duration_since(sent) < REPLY_WAIT {
-                wait = wait.min(REPLY_CHECK);
-            } else {
-                let last = p.last_reply.map_or(sent, |r| r.max(sent));
-                let due = last + LIBOSDP_POLL + Duration::from_millis(1);
-                wait = wait.min(due.saturating_duration_since(now).max(REPLY_CHECK));
-            }
-        }
-        wait
     }
 
     fn submit(&mut self, cp: &mut ControlPanel, r: Request) {
@@ -519,7 +484,6 @@ impl Panel {
             WireEvent::Sent { addr, code } => {
                 if let Some(p) = self.pads.iter_mut().find(|p| p.spec.address == addr) {
                     p.last_sent = Some((code, now));
-                    p.awaiting = true;
                     p.in_flight = matches!(code, frame::CMD_LED | frame::CMD_BUZ | frame::CMD_TEXT)
                         .then_some(code);
                 }
@@ -529,7 +493,6 @@ impl Panel {
                     return;
                 };
                 p.last_reply = Some(now);
-                p.awaiting = false;
                 p.last_reply_code = Some(code);
                 p.bad_check = false;
                 let Some(sent) = p.in_flight.take() else {
