@@ -689,7 +689,7 @@ fn main() -> Result<()> {
         PIN.len() + 1
     );
     println!(
-        "  since its last poll or good reply; the gateway refreshes just after that (poll period ~51 ms + the exchange) and every 1 ms while a reply is due: a key press waits for the next poll (on average half a poll period, longer if it lands in the LED/buzzer/text after a grant). PINs are pressed at a random phase (0-{PHASE_MS} ms after the last gate closed)."
+        "  since its last poll or good reply; the gateway's CP thread refreshes libosdp every 20 ms (or early for a command), so a POLL goes out up to 20 ms after it falls due and its reply is read at the next refresh: a key press waits for the next poll (a poll period is ~50-90 ms; longer if it lands in the LED/buzzer/text after a grant). PINs are pressed at a random phase (0-{PHASE_MS} ms after the last gate closed)."
     );
     println!();
     println!(
