@@ -1,5 +1,6 @@
 //! The control panel thread: builds libosdp's `ControlPanel` on the bus's transport,
-//! refreshes it every few tens of milliseconds (waking early for commands), matches
+//! refreshes it every few tens of milliseconds (waking early for commands, just after a
+//! POLL falls due, and as soon as a keypad's reply arrives on the line), matches
 //! commands to the keypads' ACK/NAK read off the wire, hands key presses to tokio,
 //! publishes health, and rebuilds everything after a backoff when a keypad or the
 //! transport is lost.
@@ -13,6 +14,7 @@ use super::{
 use libosdp::{ControlPanel, ControlPanelBuilder, OsdpEvent, OsdpFlag, PdInfoBuilder};
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -22,6 +24,34 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// libosdp probes an unanswering keypad about once a second; quieter than this means it
 /// has given up (its own retry is 300 s away).
 const GIVEN_UP_QUIET: Duration = Duration::from_millis(1500);
+/// libosdp's CP polls a keypad once more than this has passed since it last sent a POLL
+/// or read a good reply (`OSDP_PD_POLL_TIMEOUT_MS` and `pd->tstamp` in libosdp-sys 3.2.7).
+const LIBOSDP_POLL: Duration = Duration::from_millis(50);
+/// How long after a frame the line is watched for its reply (libosdp gives up at 200 ms).
+const REPLY_WAIT: Duration = Duration::from_millis(250);
+/// What the control panel thread waits on between refreshes.
+enum Wake {
+    /// Bytes on the keypads' line (a reply is due), for at most this long.
+    Line(Duration),
+    /// A request from tokio, for at most this long.
+    Request(Duration),
+}
+
+/// Blocks until `line` has bytes to read, or `wait` has passed. A line in error (hung up)
+/// counts as a timeout: the refresh that follows notices and rebuilds.
+fn wait_readable(line: &OwnedFd, wait: Duration) {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let timeout = Timespec::try_from(wait).unwrap_or(Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    });
+    let mut fds = [PollFd::new(line, PollFlags::IN)];
+    let ready = poll(&mut fds, Some(&timeout)).unwrap_or(0);
+    if ready > 0 && !fds[0].revents().contains(PollFlags::IN) {
+        std::thread::sleep(wait);
+    }
+}
+
 /// Events one refresh may collect before the rest are dropped (a flooding keypad).
 const MAX_EVENTS: usize = 256;
 
@@ -62,6 +92,8 @@ struct Pad {
     reported: bool,
     last_reply: Option<Instant>,
     last_sent: Option<(u8, Instant)>,
+    /// A frame went out and its reply has not been read yet.
+    awaiting: bool,
     last_reply_code: Option<u8>,
     bad_check: bool,
     /// When it stopped being online in this panel (or the panel was built).
@@ -77,6 +109,7 @@ impl Pad {
         self.reported = false;
         self.last_reply = None;
         self.last_sent = None;
+        self.awaiting = false;
         self.last_reply_code = None;
         self.bad_check = false;
         self.down_since = now;
@@ -202,6 +235,7 @@ impl Panel {
                 reported: false,
                 last_reply: None,
                 last_sent: None,
+                awaiting: false,
                 last_reply_code: None,
                 bad_check: false,
                 down_since: now,
@@ -229,9 +263,9 @@ impl Panel {
         while !self.stopping() {
             let tap = Arc::new(Mutex::new(Tap::default()));
             let built = Wire::open(&self.transport, self.options.connect_timeout, tap.clone())
-                .and_then(|w| self.build(w));
+                .and_then(|(w, line)| self.build(w).map(|cp| (cp, line)));
             match built {
-                Ok(cp) => {
+                Ok((cp, line)) => {
                     self.builds += 1;
                     let builds = self.builds;
                     for p in &self.pads {
@@ -240,7 +274,7 @@ impl Panel {
                             true
                         });
                     }
-                    if let End::Stop = self.serve(cp, &tap) {
+                    if let End::Stop = self.serve(cp, &tap, &line) {
                         break;
                     }
                 }
@@ -317,7 +351,7 @@ impl Panel {
         }
     }
 
-    fn serve(&mut self, mut cp: ControlPanel, tap: &Arc<Mutex<Tap>>) -> End {
+    fn serve(&mut self, mut cp: ControlPanel, tap: &Arc<Mutex<Tap>>, line: &OwnedFd) -> End {
         let start = Instant::now();
         for p in &mut self.pads {
             p.reset(start);
@@ -346,10 +380,13 @@ impl Panel {
             {
                 break End::Rebuild;
             }
-            match self.requests.recv_timeout(self.options.refresh) {
-                Ok(r) => self.submit(&mut cp, r),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(self.options.refresh),
+            match self.next_wake(Instant::now()) {
+                Wake::Line(wait) => wait_readable(line, wait),
+                Wake::Request(wait) => match self.requests.recv_timeout(wait) {
+                    Ok(r) => self.submit(&mut cp, r),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => std::thread::sleep(wait),
+                },
             }
         };
         // Teardown closes the channel, which drops the port.
@@ -375,6 +412,39 @@ impl Panel {
             self.idle(delay);
         }
         end
+    }
+
+    /// What to wait on before the next refresh, and for how long: `refresh` at most. While an
+    /// online keypad's reply is due (a frame went out since its last reply, less than
+    /// [`REPLY_WAIT`] ago), the line itself, so the reply is read as soon as it lands
+    /// (requests queue meanwhile: a reply takes milliseconds). Otherwise requests, until
+    /// just after libosdp's next POLL falls due ([`LIBOSDP_POLL`] after the last frame sent
+    /// or reply read), not up to `refresh` later. A POLL already overdue (libosdp chose not
+    /// to send it) waits the full `refresh`, so nothing here can spin.
+    fn next_wake(&self, now: Instant) -> Wake {
+        let mut wait = self.options.refresh;
+        let mut reply_due = false;
+        for p in self.pads.iter().filter(|p| p.online) {
+            let Some((_, sent)) = p.last_sent else {
+                continue;
+            };
+            let hurry_until = sent + REPLY_WAIT;
+            if p.awaiting && now < hurry_until {
+                reply_due = true;
+                wait = wait.min(hurry_until - now);
+            } else {
+                let last = p.last_reply.map_or(sent, |r| r.max(sent));
+                let due = last + LIBOSDP_POLL + Duration::from_millis(1);
+                if due > now {
+                    wait = wait.min(due - now);
+                }
+            }
+        }
+        if reply_due {
+            Wake::Line(wait)
+        } else {
+            Wake::Request(wait)
+        }
     }
 
     fn submit(&mut self, cp: &mut ControlPanel, r: Request) {
@@ -484,6 +554,7 @@ impl Panel {
             WireEvent::Sent { addr, code } => {
                 if let Some(p) = self.pads.iter_mut().find(|p| p.spec.address == addr) {
                     p.last_sent = Some((code, now));
+                    p.awaiting = true;
                     p.in_flight = matches!(code, frame::CMD_LED | frame::CMD_BUZ | frame::CMD_TEXT)
                         .then_some(code);
                 }
@@ -493,6 +564,7 @@ impl Panel {
                     return;
                 };
                 p.last_reply = Some(now);
+                p.awaiting = false;
                 p.last_reply_code = Some(code);
                 p.bad_check = false;
                 let Some(sent) = p.in_flight.take() else {

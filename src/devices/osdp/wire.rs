@@ -6,6 +6,7 @@ use super::frame::{self, Sniffed, Sniffer};
 use libosdp::{Channel, ChannelError};
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -103,33 +104,46 @@ fn quiet(e: &std::io::Error) -> bool {
 }
 
 impl Wire {
-    /// Opens the transport (blocking for at most `connect_timeout` on TCP).
+    /// Opens the transport (blocking for at most `connect_timeout` on TCP). With it comes a
+    /// duplicate of its descriptor, for the control panel thread to wait on until a reply
+    /// arrives rather than wake on a timer (see `panel.rs`).
     pub fn open(
         transport: &Transport,
         connect_timeout: Duration,
         tap: Arc<Mutex<Tap>>,
-    ) -> Result<Wire, String> {
-        let port = match transport {
-            Transport::Serial { path, baud } => Port::Serial(
+    ) -> Result<(Wire, OwnedFd), String> {
+        let (port, readable) = match transport {
+            Transport::Serial { path, baud } => {
                 // A zero timeout makes reads return at once (TimedOut) when idle.
-                tokio_serial::new(path.as_str(), *baud)
+                let port = tokio_serial::new(path.as_str(), *baud)
                     .timeout(Duration::ZERO)
-                    .open()
-                    .map_err(|e| format!("cannot open serial line {path}: {e}"))?,
-            ),
+                    .open_native()
+                    .map_err(|e| format!("cannot open serial line {path}: {e}"))?;
+                // SAFETY: `port` owns this descriptor and outlives the borrow, which only
+                // lasts for the dup.
+                let fd = unsafe { BorrowedFd::borrow_raw(port.as_raw_fd()) };
+                let readable = rustix::io::fcntl_dupfd_cloexec(fd, 0)
+                    .map_err(|e| format!("serial line {path}: {e}"))?;
+                (Port::Serial(Box::new(port)), readable)
+            }
             Transport::Tcp(addr) => {
                 let s = TcpStream::connect_timeout(addr, connect_timeout)
                     .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-                s.set_nonblocking(true)
+                let readable = s
+                    .set_nonblocking(true)
                     .and_then(|()| s.set_nodelay(true))
+                    .and_then(|()| s.try_clone())
                     .map_err(|e| format!("tcp {addr}: {e}"))?;
-                Port::Tcp(s)
+                (Port::Tcp(s), OwnedFd::from(readable))
             }
         };
-        Ok(Wire {
-            port: Some(port),
-            tap: Some(tap),
-        })
+        Ok((
+            Wire {
+                port: Some(port),
+                tap: Some(tap),
+            },
+            readable,
+        ))
     }
 
     fn with_tap(&self, f: impl FnOnce(&mut Tap)) {
