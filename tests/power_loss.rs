@@ -750,6 +750,46 @@ fn died_at(d: &mut Daemon, status: std::process::ExitStatus, fp: Failpoint, ctx:
     );
 }
 
+/// The crash as [`died_at`], and the replica it left behind intact.
+fn crashed(d: &mut Daemon, status: std::process::ExitStatus, fp: Failpoint, db: &Path, ctx: &str) {
+    died_at(d, status, fp, ctx);
+    integrity_check(db, &format!("{ctx}, before the restart"));
+}
+
+/// Each worker's command in doubt at the crash, retried with its key until answered;
+/// returns how many there were.
+async fn settle_in_doubt(workers: &mut [Worker], base: &str, ctx: &str) -> usize {
+    let mut retried = 0;
+    for w in workers {
+        if let Some(cmd) = w.pending.take() {
+            retry(w, base, cmd, ctx).await;
+            retried += 1;
+        }
+    }
+    retried
+}
+
+/// After the restart, unit statuses and the event log as the workers' model has them;
+/// returns the log's last seq.
+async fn state_matches(
+    http: &reqwest::Client,
+    base: &str,
+    seeded: &BTreeMap<String, i64>,
+    workers: &[Worker],
+    ctx: &str,
+) -> i64 {
+    units_match(http, base, workers, ctx).await;
+    events_match(http, base, seeded, workers, ctx).await
+}
+
+/// The replica intact, a graceful stop that succeeds, and the replica intact after it.
+async fn stop_clean(d: &mut Daemon, db: &Path, ctx: &str) {
+    integrity_check(db, ctx);
+    let status = d.terminate(DEADLINE).await;
+    assert!(status.success(), "{ctx}: stopped with {status}");
+    integrity_check(db, &format!("{ctx}, after a clean stop"));
+}
+
 // ---------------------------------------------------------------- the scenarios
 
 /// Figures of one crash scenario.
@@ -817,19 +857,15 @@ async fn crash_under_traffic(
             }
         }
     };
-    died_at(&mut d, status, fp, &ctx);
-    integrity_check(&site.db(), &format!("{ctx}, before the restart"));
+    crashed(&mut d, status, fp, &site.db(), &ctx);
     drop(d);
 
     // Back without failpoints: retry what was in doubt, then check everything.
     let mut d = Daemon::spawn(&config, site.path(), "after", &[]);
     let base = d.ready(DEADLINE).await;
     let http = client();
-    for w in &mut workers {
-        if let Some(cmd) = w.pending.take() {
-            retry(w, &base, cmd, &ctx).await;
-            out.retried += 1;
-        }
+    out.retried = settle_in_doubt(&mut workers, &base, &ctx).await;
+    for w in &workers {
         // The last acknowledged command replays its first answer byte for byte.
         if let Some((cmd, raw)) = w.acked.last().cloned() {
             let (s, again, replayed) = send(&http, &base, &cmd).await.expect("replay answered");
@@ -872,14 +908,10 @@ async fn crash_under_traffic(
         accepted,
         "{ctx}: webhook ids recorded vs acknowledged"
     );
-    units_match(&http, &base, &workers, &ctx).await;
-    let last = events_match(&http, &base, seeded, &workers, &ctx).await;
+    let last = state_matches(&http, &base, seeded, &workers, &ctx).await;
     out.resent_events = uplink_delivered(&cloud, last, &ctx).await;
     hardware_converged(&control, &workers, &ctx).await;
-    integrity_check(&site.db(), &ctx);
-    let status = d.terminate(DEADLINE).await;
-    assert!(status.success(), "{ctx}: stopped with {status}");
-    integrity_check(&site.db(), &format!("{ctx}, after a clean stop"));
+    stop_clean(&mut d, &site.db(), &ctx).await;
     sim.stop().await;
     out.took = started.elapsed();
     out
@@ -952,8 +984,7 @@ async fn crash_at_first_start(fp: Failpoint) -> Outcome {
         first,
         "{ctx}: the key changed"
     );
-    assert!(d.terminate(DEADLINE).await.success(), "{ctx}");
-    integrity_check(&site.db(), &ctx);
+    stop_clean(&mut d, &site.db(), &ctx).await;
     Outcome {
         before_ready: true,
         took: started.elapsed(),
@@ -1119,22 +1150,17 @@ async fn crash_on_the_mqtt_link(
             })
         }
     };
-    died_at(&mut d, status, fp, &ctx);
-    integrity_check(&site.db(), &format!("{ctx}, before the restart"));
+    crashed(&mut d, status, fp, &site.db(), &ctx);
     let (stored, logged) = stored_mqtt_cursor(&site.db());
     drop(d);
 
     // Back without failpoints: the command in doubt settled, then no more events.
     let mut d = Daemon::spawn(&config, site.path(), "after", &[]);
     let base = d.ready(DEADLINE).await;
-    if let Some(cmd) = worker.pending.take() {
-        retry(&mut worker, &base, cmd, &ctx).await;
-        out.retried += 1;
-    }
+    out.retried = settle_in_doubt(std::slice::from_mut(&mut worker), &base, &ctx).await;
     out.acked = worker.acked.len();
     let http = client();
-    units_match(&http, &base, std::slice::from_ref(&worker), &ctx).await;
-    let last = events_match(&http, &base, seeded, std::slice::from_ref(&worker), &ctx).await;
+    let last = state_matches(&http, &base, seeded, std::slice::from_ref(&worker), &ctx).await;
 
     // Every seq 1..=last reached the cloud, and the stored cursor and GET /v1/status say so.
     let until = Instant::now() + DEADLINE;
@@ -1220,9 +1246,7 @@ async fn crash_on_the_mqtt_link(
     );
     out.resent_events = (end1 - stored).max(0) as usize;
     out.mqtt = Some((stored, logged));
-    integrity_check(&site.db(), &ctx);
-    let status = d.terminate(DEADLINE).await;
-    assert!(status.success(), "{ctx}: stopped with {status}");
+    stop_clean(&mut d, &site.db(), &ctx).await;
     subscriber.abort();
     drop(broker);
     out.took = started.elapsed();
@@ -1361,8 +1385,7 @@ async fn error_on_the_command_path(
     );
     if !committed {
         // Nothing of it applied: statuses and the log as the model has them without it.
-        units_match(&http, &base, std::slice::from_ref(&w), &ctx).await;
-        events_match(&http, &base, seeded, std::slice::from_ref(&w), &ctx).await;
+        state_matches(&http, &base, seeded, std::slice::from_ref(&w), &ctx).await;
     }
     // The next command succeeds.
     let mut next = w.next_cmd();
@@ -1381,10 +1404,8 @@ async fn error_on_the_command_path(
         (200, r.1, true),
         "{ctx}: once more"
     );
-    units_match(&http, &base, std::slice::from_ref(&w), &ctx).await;
-    events_match(&http, &base, seeded, std::slice::from_ref(&w), &ctx).await;
-    assert!(d.terminate(DEADLINE).await.success(), "{ctx}");
-    integrity_check(&site.db(), &ctx);
+    state_matches(&http, &base, seeded, std::slice::from_ref(&w), &ctx).await;
+    stop_clean(&mut d, &site.db(), &ctx).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

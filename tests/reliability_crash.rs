@@ -20,6 +20,10 @@
 //! `RELIABILITY_ITERATIONS` (default 200; 1000 is the full size, run locally) and
 //! `RELIABILITY_SEED` (printed at start; reproduces the command choices and kill delays).
 
+#[path = "common/daemon.rs"]
+mod daemon;
+
+use daemon::integrity_check;
 use hw_sim::Sim;
 use hw_sim::config::SiteFile;
 use rand::rngs::StdRng;
@@ -475,14 +479,7 @@ fn client() -> reqwest::Client {
 }
 
 async fn get(http: &reqwest::Client, base: &str, path: &str) -> Value {
-    let res = http
-        .get(format!("{base}{path}"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET");
-    assert_eq!(res.status().as_u16(), 200, "GET {path}");
-    res.json().await.expect("JSON")
+    daemon::get_json(http, base, TOKEN, path).await
 }
 
 async fn put_ok(http: &reqwest::Client, base: &str, path: &str, body: Value) {
@@ -501,37 +498,13 @@ async fn put_ok(http: &reqwest::Client, base: &str, path: &str, body: Value) {
 async fn events_gapless(
     http: &reqwest::Client,
     base: &str,
-    mut after: i64,
+    after: i64,
     types: &mut BTreeMap<String, i64>,
     ctx: &str,
 ) -> i64 {
-    loop {
-        let page = get(http, base, &format!("/v1/events?after={after}&limit=1000")).await;
-        let evs = page["events"].as_array().cloned().unwrap_or_default();
-        if evs.is_empty() {
-            return after;
-        }
-        for e in evs {
-            let seq = e["seq"].as_i64().expect("seq");
-            assert_eq!(seq, after + 1, "{ctx}: event seq gap after {after}: {e}");
-            after = seq;
-            *types
-                .entry(e["type"].as_str().unwrap_or_default().to_owned())
-                .or_default() += 1;
-        }
-    }
-}
-
-fn integrity_check(db: &Path, ctx: &str) {
-    let conn = rusqlite::Connection::open_with_flags(
-        db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .expect("open the replica read-only");
-    let verdict: String = conn
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .expect("integrity_check");
-    assert_eq!(verdict, "ok", "{ctx}: PRAGMA integrity_check");
+    daemon::events_gapless_after(http, base, TOKEN, after, types, ctx)
+        .await
+        .1
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

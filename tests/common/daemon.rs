@@ -198,7 +198,22 @@ pub async fn events_gapless(
     token: &str,
     ctx: &str,
 ) -> (Vec<Value>, BTreeMap<String, i64>) {
-    let (mut after, mut all, mut types) = (0, Vec::new(), BTreeMap::new());
+    let mut types = BTreeMap::new();
+    let (all, _) = events_gapless_after(http, base, token, 0, &mut types, ctx).await;
+    (all, types)
+}
+
+/// The events after seq `after`, checking that each seq follows the one before and adding
+/// each to its type's count in `types`; returns those events and the new end of the log.
+pub async fn events_gapless_after(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    mut after: i64,
+    types: &mut BTreeMap<String, i64>,
+    ctx: &str,
+) -> (Vec<Value>, i64) {
+    let mut read = Vec::new();
     loop {
         let page = get_json(
             http,
@@ -209,7 +224,7 @@ pub async fn events_gapless(
         .await;
         let evs = page["events"].as_array().cloned().unwrap_or_default();
         if evs.is_empty() {
-            return (all, types);
+            return (read, after);
         }
         for e in evs {
             let seq = e["seq"].as_i64().expect("seq");
@@ -218,7 +233,7 @@ pub async fn events_gapless(
             *types
                 .entry(e["type"].as_str().unwrap_or_default().to_owned())
                 .or_default() += 1;
-            all.push(e);
+            read.push(e);
         }
     }
 }
