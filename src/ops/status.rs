@@ -1,5 +1,6 @@
 //! `unitgate status`: asks the running daemon over its control socket (plain HTTP/1.1) for
-//! `GET /v1/status` and `GET /v1/devices`, and shows them as a table or as JSON.
+//! `GET /v1/status?detail=full` and `GET /v1/devices` (the reads the `/status` web page
+//! makes), and shows them as a table or as JSON.
 
 use super::{EXIT_NOT_RUNNING, EXIT_UNKNOWN};
 use chrono::{DateTime, Utc};
@@ -15,6 +16,8 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer read (a site with thousands of devices stays far below).
 const MAX_ANSWER: usize = 16 << 20;
+/// Access decisions the table shows (`--json` has every one the daemon sent).
+const ACCESS_SHOWN: usize = 10;
 
 /// Why the daemon's state could not be shown.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +43,7 @@ impl StatusError {
 /// What the daemon said: its `/v1/status` and `/v1/devices` answers, as they came.
 #[derive(Debug, Clone)]
 pub struct Report {
-    /// `GET /v1/status`.
+    /// `GET /v1/status?detail=full`.
     pub status: Value,
     /// `GET /v1/devices`.
     pub devices: Value,
@@ -57,7 +60,7 @@ impl Report {
 pub async fn fetch(socket: &Path) -> Result<Report, StatusError> {
     tokio::time::timeout(TIMEOUT, async {
         Ok(Report {
-            status: get(socket, "/v1/status").await?,
+            status: get(socket, "/v1/status?detail=full").await?,
             devices: get(socket, "/v1/devices").await?,
         })
     })
@@ -171,7 +174,8 @@ fn table(out: &mut String, rows: &[Vec<String>]) {
     }
 }
 
-/// The human table: site, version, uptime, cloud links, event backlog, devices.
+/// The human table: site, version, uptime, cloud links, event backlog, devices, units by
+/// status and the newest access decisions.
 pub fn render(report: &Report, now: DateTime<Utc>) -> String {
     let s = &report.status;
     let mut out = String::new();
@@ -232,10 +236,17 @@ pub fn render(report: &Report, now: DateTime<Utc>) -> String {
     }
     let _ = writeln!(out);
 
+    devices(&mut out, report);
+    units(&mut out, s);
+    access(&mut out, s, now);
+    out
+}
+
+fn devices(out: &mut String, report: &Report) {
     let devices = report.devices.as_array().map(Vec::as_slice).unwrap_or(&[]);
     if devices.is_empty() {
         let _ = writeln!(out, "devices: none configured");
-        return out;
+        return;
     }
     let online = devices
         .iter()
@@ -270,8 +281,61 @@ pub fn render(report: &Report, now: DateTime<Utc>) -> String {
             last_error,
         ]);
     }
-    table(&mut out, &rows);
-    out
+    table(out, &rows);
+}
+
+/// `units: 3 available, 1 occupied, ...` (absent when the daemon does not send the counts).
+fn units(out: &mut String, s: &Value) {
+    let Some(counts) = s["units_by_status"].as_object() else {
+        return;
+    };
+    let total: i64 = counts.values().filter_map(Value::as_i64).sum();
+    let each: Vec<String> = counts
+        .iter()
+        .map(|(status, n)| format!("{} {status}", text(n)))
+        .collect();
+    let _ = writeln!(out);
+    let _ = writeln!(out, "units: {total} ({})", each.join(", "));
+}
+
+/// The newest access decisions, newest first.
+fn access(out: &mut String, s: &Value, now: DateTime<Utc>) {
+    let Some(list) = s["access_decisions"].as_array() else {
+        return;
+    };
+    let _ = writeln!(out);
+    if list.is_empty() {
+        let _ = writeln!(out, "access decisions: none yet");
+        return;
+    }
+    let shown = list.len().min(ACCESS_SHOWN);
+    let _ = writeln!(
+        out,
+        "access decisions (newest {shown} of {}; --json has all):",
+        list.len()
+    );
+    let mut rows = vec![vec![
+        "TIME".to_owned(),
+        "KEYPAD".into(),
+        "ZONE".into(),
+        "DECISION".into(),
+        "REASON".into(),
+    ]];
+    for a in &list[..shown] {
+        let granted = a["granted"].as_bool() == Some(true);
+        rows.push(vec![
+            since(&a["occurred_at"], now),
+            text(&a["keypad"]),
+            text(&a["zone"]),
+            if granted { "granted" } else { "denied" }.into(),
+            if granted {
+                "-".into()
+            } else {
+                text(&a["reason"])
+            },
+        ]);
+    }
+    table(out, &rows);
 }
 
 #[cfg(test)]
@@ -287,7 +351,14 @@ mod tests {
                 "link": {"mqtt": {"connected": false, "since": "2026-01-01T11:59:00Z",
                     "last_error": "connection refused", "delivered_seq": 40}},
                 "backlog": {"events": 2, "oldest_age_s": 61},
-                "devices": {"online": 1, "offline": 1}
+                "devices": {"online": 1, "offline": 1},
+                "units_by_status": {"available": 3, "occupied": 1, "overlocked": 0},
+                "access_decisions": [
+                    {"seq": 41, "occurred_at": "2026-01-01T11:59:50Z", "granted": false,
+                        "keypad": "gate-1", "zone": "main-gate", "reason": "invalid_code"},
+                    {"seq": 40, "occurred_at": "2026-01-01T11:58:00Z", "granted": true,
+                        "keypad": "gate-1", "zone": "main-gate", "reason": null}
+                ]
             }),
             devices: json!([
                 {"id": "relay-1", "kind": "relay_board", "online": true, "queue_depth": 0, "last_error": null},
@@ -306,8 +377,31 @@ mod tests {
             "devices: 1 online, 1 not",
             "relay-1  relay_board  online    0",
             "gate-1   keypad       disabled  3",
+            "units: 4 (3 available, 1 occupied, 0 overlocked)",
+            "access decisions (newest 2 of 2; --json has all):",
+            "2026-01-01 11:59:50 UTC (10s ago)     gate-1  main-gate  denied    invalid_code",
+            "2026-01-01 11:58:00 UTC (2m 00s ago)  gate-1  main-gate  granted   -",
         ] {
             assert!(t.contains(want), "{want:?} missing from\n{t}");
         }
+        assert!(
+            t.find("access decisions").unwrap() > t.find("units:").unwrap(),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn an_older_daemon_without_the_detail_still_renders() {
+        let now: DateTime<Utc> = "2026-01-01T12:00:00Z".parse().unwrap();
+        let report = Report {
+            status: json!({"site_id": "s1", "backlog": {"events": 0}}),
+            devices: json!([]),
+        };
+        let t = render(&report, now);
+        assert!(t.contains("devices: none configured"), "{t}");
+        assert!(
+            !t.contains("units:") && !t.contains("access decisions"),
+            "{t}"
+        );
     }
 }

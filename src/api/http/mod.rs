@@ -4,6 +4,8 @@
 pub mod auth;
 pub mod extract;
 pub mod routes;
+pub mod status_detail;
+pub mod status_page;
 pub mod tls;
 
 use crate::api::error::ApiError;

@@ -3,6 +3,7 @@
 
 use super::auth::{Authorized, needs};
 use super::extract::{JsonBody, Query, RequestId, WriteMeta, fingerprint};
+use super::status_detail::{self, AccessDecision, Detail, StatusQuery};
 use super::{AppState, Limits};
 use crate::api::error::{ApiError, ErrorBody};
 use crate::command::allocation::{
@@ -134,6 +135,8 @@ pub fn api(limits: Limits) -> OpenApiRouter<AppState> {
         .routes(routes!(openapi_json))
         // Prometheus text, not JSON: kept out of the OpenAPI document.
         .route("/metrics", axum::routing::get(metrics))
+        // The browser page over `/v1/status` and `/v1/devices`: HTML, not in the document.
+        .merge(super::status_page::routes())
         .merge(snapshot)
 }
 
@@ -862,25 +865,43 @@ pub struct SiteStatus {
     pub last_seq: i64,
     /// Seconds since the gateway process started serving.
     pub uptime_s: u64,
+    /// With `detail=full`: the newest access decisions (at most 50), newest first; no PIN.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_decisions: Option<Vec<AccessDecision>>,
+    /// With `detail=full`: how many units have each status (every status, 0 included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub units_by_status: Option<std::collections::BTreeMap<String, u64>>,
 }
 
-/// Link and hardware health, and how much the cloud has not received yet.
-#[utoipa::path(get, path = "/v1/status", tag = "operations",
+/// Link and hardware health, and how much the cloud has not received yet; with
+/// `detail=full` also the newest access decisions and the unit counts per status (what the
+/// `/status` page and `unitgate status` show).
+#[utoipa::path(get, path = "/v1/status", tag = "operations", params(StatusQuery),
     responses((status = 200, body = SiteStatus), Errors))]
 async fn status(
     State(s): State<AppState>,
     _: Authorized<needs::Read>,
+    Query(q): Query<StatusQuery>,
 ) -> Result<Response, ApiError> {
     let link = s.links.list();
     let uplinks: Vec<String> = link.keys().cloned().collect();
     let now = s.executor.now();
-    let (backlog, last_seq) = read(&s, move |c| {
-        Ok((
-            crate::cloud::backlog::backlog(c, &uplinks, now)?,
-            events::last_seq(c)?,
-        ))
+    let full = q.detail == Some(Detail::Full);
+    let (backlog, last_seq, detail) = read(&s, move |c| {
+        let backlog = crate::cloud::backlog::backlog(c, &uplinks, now)?;
+        let last_seq = events::last_seq(c)?;
+        let detail = if full {
+            Some((
+                status_detail::recent_access(c, last_seq, status_detail::ACCESS_DECISIONS)?,
+                status_detail::units_by_status(c)?,
+            ))
+        } else {
+            None
+        };
+        Ok((backlog, last_seq, detail))
     })
     .await?;
+    let (access_decisions, units_by_status) = detail.unzip();
     let devices = s.devices.list();
     let online = devices.iter().filter(|d| d.online).count();
     Ok(Json(SiteStatus {
@@ -894,6 +915,8 @@ async fn status(
         },
         last_seq,
         uptime_s: STARTED.get().map_or(0, |t| t.elapsed().as_secs()),
+        access_decisions,
+        units_by_status,
     })
     .into_response())
 }
