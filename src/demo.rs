@@ -38,6 +38,7 @@ pub async fn start_hardware(
     if let Some(l) = &mut site.devices.lock_api {
         l.api_key_file = key_path.clone();
     }
+    site.units = sim_units();
     let sim = hw_sim::Sim::start(&site, Some(sim_listen))
         .await
         .map_err(|e| DemoError::Hardware(e.to_string()))?;
@@ -48,6 +49,46 @@ pub async fn start_hardware(
         l.api_key_file = key_path;
     }
     Ok(sim)
+}
+
+/// The simulator's `[[units]]` for the demo, made from the units [`snapshot`] seeds, so the
+/// sim page names and binds the same units as the gateway.
+#[cfg(feature = "demo-sim")]
+pub fn sim_units() -> Vec<hw_sim::config::UnitConfig> {
+    use hw_sim::config::{UnitCoil, UnitConfig, UnitInput};
+    let snap = snapshot(NaiveDate::default());
+    let Some(units) = snap["units"].as_array() else {
+        return Vec::new();
+    };
+    let port = |v: &Value, key: &str| v[key].as_u64().and_then(|n| u16::try_from(n).ok());
+    units
+        .iter()
+        .filter_map(|u| {
+            let name = u["id"].as_str()?.to_owned();
+            let lock = &u["lock"];
+            let door = &u["door_sensor"];
+            Some(UnitConfig {
+                name,
+                lock: (lock["kind"] == "smart_lock")
+                    .then(|| lock["id"].as_str().map(str::to_owned))
+                    .flatten(),
+                overlock: (lock["kind"] == "relay")
+                    .then(|| {
+                        Some(UnitCoil {
+                            board: lock["board"].as_str()?.to_owned(),
+                            coil: port(lock, "coil")?,
+                        })
+                    })
+                    .flatten(),
+                door: door["board"].as_str().and_then(|board| {
+                    Some(UnitInput {
+                        board: board.to_owned(),
+                        input: port(door, "input")?,
+                    })
+                }),
+            })
+        })
+        .collect()
 }
 
 /// The demo site's devices declared disabled, for a build without the simulator: the demo
@@ -243,5 +284,20 @@ mod tests {
             .map(|u| Claim::change(&u.names[0], &u.names[0], None, &u.bindings))
             .collect();
         assert_eq!(clashes(&claims), []);
+    }
+
+    #[cfg(feature = "demo-sim")]
+    #[test]
+    fn the_sim_units_are_the_demo_units_and_the_sim_accepts_them() {
+        let mut site = hw_sim::config::SiteFile::parse(SIM_CONFIG).expect("sim.toml");
+        site.units = sim_units();
+        assert_eq!(site.units.len(), 60);
+        assert_eq!(site.units[0].name, "u-A01");
+        assert_eq!(site.units[0].lock.as_deref(), Some("lock-A01"));
+        let b01 = &site.units[30];
+        assert_eq!(b01.name, "u-B01");
+        assert_eq!(b01.overlock.as_ref().map(|c| c.coil), Some(2));
+        assert_eq!(b01.door.as_ref().map(|d| d.input), Some(1));
+        assert_eq!(site.validate(), Ok(()));
     }
 }

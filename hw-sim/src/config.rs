@@ -12,6 +12,47 @@ pub struct SiteFile {
     pub sim: SimConfig,
     /// The site's devices.
     pub devices: Devices,
+    /// `[[units]]`: storage units and the devices bound to them, for the technician page
+    /// and `GET /units`. Optional.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<UnitConfig>,
+}
+
+/// `[[units]]`: one storage unit and the simulated devices bound to it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UnitConfig {
+    /// The unit's name (e.g. `u-A01`).
+    pub name: String,
+    /// The smart lock's id at the lock API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
+    /// The overlock relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlock: Option<UnitCoil>,
+    /// The door sensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub door: Option<UnitInput>,
+}
+
+/// A relay board coil bound to a unit (0-based, as in `GET /relays/{id}`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UnitCoil {
+    /// Relay board id.
+    pub board: String,
+    /// Coil number, 0-based.
+    pub coil: u16,
+}
+
+/// A relay board discrete input bound to a unit (0-based).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UnitInput {
+    /// Relay board id.
+    pub board: String,
+    /// Input number, 0-based.
+    pub input: u16,
 }
 
 /// `[sim]`.
@@ -378,7 +419,59 @@ impl SiteFile {
                 p.push("devices.lock_api.url: must be an http:// or https:// URL".into());
             }
         }
+        self.validate_units(&boards, &mut p);
         if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// Every unit names a known board coil/input and a lock the lock API has.
+    fn validate_units(
+        &self,
+        boards: &std::collections::HashMap<&str, &RelayBoardConfig>,
+        p: &mut Vec<String>,
+    ) {
+        let mut names = std::collections::HashSet::new();
+        for (i, u) in self.units.iter().enumerate() {
+            let key = format!("units[{i}]");
+            if u.name.trim().is_empty() {
+                p.push(format!("{key}.name: must not be empty"));
+            } else if !names.insert(u.name.as_str()) {
+                p.push(format!("{key}.name: {:?} is used twice", u.name));
+            }
+            if let Some(lock) = &u.lock {
+                match &self.devices.lock_api {
+                    None => p.push(format!(
+                        "{key}.lock: {lock:?} but the site has no [devices.lock_api]"
+                    )),
+                    Some(l) if !l.locks.contains(lock) => p.push(format!(
+                        "{key}.lock: {lock:?} is not in devices.lock_api.locks"
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if let Some(o) = &u.overlock {
+                match boards.get(o.board.as_str()) {
+                    None => p.push(format!(
+                        "{key}.overlock.board: no relay board {:?}",
+                        o.board
+                    )),
+                    Some(b) if o.coil >= b.coils => p.push(format!(
+                        "{key}.overlock.coil: board {:?} has {} coils (0-based)",
+                        b.id, b.coils
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if let Some(d) = &u.door {
+                match boards.get(d.board.as_str()) {
+                    None => p.push(format!("{key}.door.board: no relay board {:?}", d.board)),
+                    Some(b) if d.input >= b.inputs => p.push(format!(
+                        "{key}.door.input: board {:?} has {} inputs (0-based)",
+                        b.id, b.inputs
+                    )),
+                    Some(_) => {}
+                }
+            }
+        }
     }
 }
 

@@ -75,6 +75,9 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<
 /// The control API router.
 pub fn router(registry: Arc<Registry>) -> Router {
     Router::new()
+        .route("/", get(crate::web::index))
+        .route("/app.js", get(crate::web::app_js))
+        .route("/style.css", get(crate::web::style_css))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/devices", get(devices))
         .route("/keypads/{id}", get(keypad))
@@ -87,6 +90,7 @@ pub fn router(registry: Arc<Registry>) -> Router {
             "/faults",
             post(set_fault).delete(clear_faults).get(list_faults),
         )
+        .route("/units", get(units))
         .route("/events", get(events))
         .fallback(|| async {
             ControlError(StatusCode::NOT_FOUND, "not_found", "no such route".into())
@@ -218,6 +222,40 @@ struct FaultRequest {
     duration_ms: u64,
 }
 
+/// `GET /units`: each `[[units]]` entry with its bindings and their state now:
+/// `lock_state` (lock API), `overlock_on` (coil), `door_open` (input); null when unbound.
+async fn units(State(r): St) -> Json<serde_json::Value> {
+    let out: Vec<_> = r
+        .units
+        .iter()
+        .map(|u| {
+            let lock_state = u
+                .lock
+                .as_ref()
+                .and_then(|id| r.locks.as_ref()?.lock(id))
+                .map(|l| l.state);
+            let overlock_on = u.overlock.as_ref().and_then(|o| {
+                let s = r.relays.get(&o.board)?.state();
+                s.coils.get(usize::from(o.coil)).copied()
+            });
+            let door_open = u.door.as_ref().and_then(|d| {
+                let s = r.relays.get(&d.board)?.state();
+                s.inputs.get(usize::from(d.input)).copied()
+            });
+            json!({
+                "name": u.name,
+                "lock": u.lock,
+                "overlock": u.overlock,
+                "door": u.door,
+                "lock_state": lock_state,
+                "overlock_on": overlock_on,
+                "door_open": door_open,
+            })
+        })
+        .collect();
+    Json(json!(out))
+}
+
 fn device_exists(r: &Registry, id: &str) -> bool {
     r.keypads.contains_key(id)
         || r.relays.contains_key(id)
@@ -302,16 +340,37 @@ async fn list_faults(State(r): St) -> Json<serde_json::Value> {
     Json(json!(out))
 }
 
-/// NDJSON stream of observations from now on (`?device=` filters). The first line
+/// How often an SSE stream sends a comment so proxies and browsers keep it open.
+const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// NDJSON stream of observations from now on (`?device=` filters), or Server-Sent Events
+/// (`data: <json>`) when the request accepts `text/event-stream`. The first item
 /// (`subscribed`) says the subscription is live; the stream ends when the simulator stops.
-async fn events(State(r): St, Query(q): Query<DeviceFilter>) -> Response {
+async fn events(
+    State(r): St,
+    Query(q): Query<DeviceFilter>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let sse = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("text/event-stream"));
     let mut rx = r.bus.subscribe();
     let mut shutdown = r.shutdown.clone();
     let (tx, lines) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::convert::Infallible>>(256);
-    let line = |o: &crate::observe::Observation| {
-        let mut v = serde_json::to_vec(o).unwrap_or_default();
-        v.push(b'\n');
-        v
+    let line = move |o: &crate::observe::Observation| {
+        let json = serde_json::to_vec(o).unwrap_or_default();
+        if sse {
+            let mut v = b"data: ".to_vec();
+            v.extend_from_slice(&json);
+            v.extend_from_slice(b"\n\n");
+            v
+        } else {
+            let mut v = json;
+            v.push(b'\n');
+            v
+        }
     };
     let hello = crate::observe::Observation {
         t_ns: crate::observe::monotonic_ns(),
@@ -321,11 +380,20 @@ async fn events(State(r): St, Query(q): Query<DeviceFilter>) -> Response {
     };
     let _ = tx.try_send(Ok(line(&hello)));
     tokio::spawn(async move {
+        let mut keepalive = tokio::time::interval(SSE_KEEPALIVE);
+        keepalive.tick().await;
         loop {
             let o = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = tx.closed() => return,
-                o = rx.recv() => o,
+                _ = keepalive.tick(), if sse => None,
+                o = rx.recv() => Some(o),
+            };
+            let Some(o) = o else {
+                if tx.send(Ok(b": keepalive\n\n".to_vec())).await.is_err() {
+                    return;
+                }
+                continue;
             };
             let o = match o {
                 Ok(o) => o,
@@ -350,7 +418,14 @@ async fn events(State(r): St, Query(q): Query<DeviceFilter>) -> Response {
     });
     (
         [
-            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (
+                header::CONTENT_TYPE,
+                if sse {
+                    "text/event-stream"
+                } else {
+                    "application/x-ndjson"
+                },
+            ),
             (header::CACHE_CONTROL, "no-cache"),
         ],
         Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(lines)),

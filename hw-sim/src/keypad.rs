@@ -276,6 +276,7 @@ impl Keypad {
             led_temporary: None,
             buzzer_until: None,
             keys_in_flight: VecDeque::new(),
+            held: Vec::new(),
             garbage: 0,
             garbage_reason: "",
             garbage_via: Via::Serial,
@@ -562,6 +563,9 @@ struct Device {
     buzzer_until: Option<Option<Instant>>,
     /// Key counts of presses queued in libosdp, oldest first.
     keys_in_flight: VecDeque<usize>,
+    /// Keys pressed but not yet queued in libosdp (its event queue was full): a real
+    /// keypad buffers fast typing too; at most [`MAX_KEYS`].
+    held: Vec<u8>,
     garbage: usize,
     garbage_reason: &'static str,
     garbage_via: Via,
@@ -643,22 +647,34 @@ impl Device {
             return Err(no_control_panel(&self.id));
         }
         let codes: Vec<u8> = keys.chars().filter_map(key_code).collect();
-        let n = codes.len();
-        self.pd
-            .notify_event(OsdpEvent::KeyPress(OsdpEventKeyPress::new(codes.clone())))
-            .map_err(|_| {
-                SimError::BadRequest(format!(
-                    "keypad {} cannot hold more keys until the control panel collects them",
-                    self.id
-                ))
-            })?;
-        self.keys_in_flight.push_back(n);
-        self.st.counters.keys_pressed += n as u64;
+        if self.held.len() + codes.len() > MAX_KEYS {
+            return Err(SimError::BadRequest(format!(
+                "keypad {} holds {} keys the control panel has not collected yet; at most {MAX_KEYS}",
+                self.id,
+                self.held.len()
+            )));
+        }
+        self.st.counters.keys_pressed += codes.len() as u64;
         self.emit(
             "key_pressed",
             json!({"keys": keys, "codes": codes, "transport": self.st.transport}),
         );
+        self.held.extend_from_slice(&codes);
+        self.release_held();
         Ok(())
+    }
+
+    /// Hands the held keys to libosdp as one key-press event, for the next POLL to collect;
+    /// when its event queue is full they stay held until a KEYPAD reply has made room.
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let event = OsdpEvent::KeyPress(OsdpEventKeyPress::new(self.held.clone()));
+        if self.pd.notify_event(event).is_ok() {
+            self.keys_in_flight.push_back(self.held.len());
+            self.held.clear();
+        }
     }
 
     fn on_note(&mut self, note: Note, now: Instant) {
@@ -719,6 +735,8 @@ impl Device {
                 {
                     self.st.counters.keys_sent += n as u64;
                     self.emit("keys_sent", json!({"count": n, "transport": via.name()}));
+                    // That reply freed a place in libosdp's event queue.
+                    self.release_held();
                 }
             }
             Note::ReplyDropped { via } => {
@@ -915,6 +933,7 @@ impl Device {
             // Keys nobody collected would otherwise reach the next CP as a stale PIN.
             self.pd.flush_events();
             self.keys_in_flight.clear();
+            self.held.clear();
         }
         let secure = self.pd.is_sc_active();
         if secure != self.st.secure {

@@ -28,6 +28,7 @@ pub mod observe;
 pub mod pty;
 pub mod relay;
 pub mod scenario;
+pub mod web;
 
 use config::SiteFile;
 use fault::Faults;
@@ -97,6 +98,8 @@ pub struct Registry {
     pub faults: Faults,
     /// Becomes `true` when the simulator stops (ends the event streams).
     pub shutdown: watch::Receiver<bool>,
+    /// The site's units (`[[units]]`), for `GET /units`.
+    pub units: Vec<config::UnitConfig>,
 }
 
 /// A running simulated site.
@@ -141,6 +144,7 @@ impl Sim {
             bus: ctx.bus.clone(),
             faults: ctx.faults.clone(),
             shutdown: ctx.shutdown.clone(),
+            units: site.units.clone(),
         });
         gate::start(&site.devices.keypads, &registry, &ctx);
         let listen = control_listen.unwrap_or(&site.sim.control_listen);

@@ -43,6 +43,7 @@ fn site() -> SiteFile {
             }),
             ..Default::default()
         },
+        units: Vec::new(),
     }
 }
 

@@ -27,6 +27,7 @@ fn site(url: &str, rate: u32, key_file: Option<PathBuf>) -> SiteFile {
             }),
             ..Default::default()
         },
+        units: Vec::new(),
     }
 }
 
