@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The interop suite: the gateway against third-party peers (Mosquitto and paho-mqtt as the
 # cloud, pymodbus as the relay board over TCP and RTU on a socat pty pair, libosdp as the
-# keypad, schemathesis against /openapi.json).
+# keypad, schemathesis against /openapi.json), and its web pages in headless Chromium
+# (Selenium + chromium-driver; screenshots in target/screenshots/).
 # Installs its peers when missing (Debian packages, a pinned Python venv in target/), builds
 # the gateway if needed, then runs pytest on tests/interop with a bounded timeout; arguments
 # go to pytest (e.g. `-k signed -x`).
@@ -13,10 +14,11 @@ venv=target/interop-venv
 timeout_s=${INTEROP_TIMEOUT_S:-300}
 
 if ! [ -x /usr/sbin/mosquitto ] || ! command -v mosquitto_passwd >/dev/null 2>&1 ||
-  ! command -v socat >/dev/null 2>&1; then
-  echo "interop: installing mosquitto and socat"
+  ! command -v socat >/dev/null 2>&1 || ! [ -x /usr/bin/chromium ] ||
+  ! [ -x /usr/bin/chromedriver ]; then
+  echo "interop: installing mosquitto, socat, chromium and chromium-driver"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto socat >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto socat chromium chromium-driver >/dev/null
   # The package starts a system broker on 1883 where systemd runs; the suite uses free
   # ports, and `unitgate demo` wants 1883 for its own broker: stop the one we just installed.
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
