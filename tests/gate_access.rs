@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::site::{SimSite, until};
+use common::site::{SimSite, keypad, tcp_board, until};
 use serde_json::{Value, json};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -20,51 +20,13 @@ const PULSE_MS: u64 = 1500;
 const WITHIN: Duration = Duration::from_secs(5);
 
 fn devices() -> String {
-    format!(
-        r#"
-[[devices.keypads]]
-id = "{MAIN}"
-zone = "main-gate"
-port = "{{wires}}/{MAIN}"
-baud = 115200
-address = 1
-scbk = "5e1f0c2a9b8d7e6f4a3b2c1d0e9f8a7b"
-gate = {{ board = "{GATES}", coil = 0 }}
-gate_sensor = {{ board = "{GATES}", input = 0 }}
-pulse_ms = {PULSE_MS}
-
-[[devices.keypads]]
-id = "{EAST}"
-zone = "east-gate"
-port = "{{wires}}/{EAST}"
-baud = 115200
-address = 2
-scbk = "0a1b2c3d4e5f60718293a4b5c6d7e8f9"
-gate = {{ board = "{GATES}", coil = 1 }}
-gate_sensor = {{ board = "{GATES}", input = 1 }}
-pulse_ms = {PULSE_MS}
-
-[[devices.relay_boards]]
-id = "{GATES}"
-transport = "tcp"
-address = "127.0.0.1:0"
-unit_id = 1
-coils = 2
-inputs = 2
-timeout_ms = 300
-poll_ms = 50
-
-[[devices.relay_boards]]
-id = "{DOORS}"
-transport = "tcp"
-address = "127.0.0.1:0"
-unit_id = 1
-coils = 8
-inputs = 8
-timeout_ms = 300
-poll_ms = 50
-"#
-    )
+    [
+        keypad(MAIN, "main-gate", 1, GATES, 0, Some(0), PULSE_MS),
+        keypad(EAST, "east-gate", 2, GATES, 1, Some(1), PULSE_MS),
+        tcp_board(GATES, 2, 2, 300, 50),
+        tcp_board(DOORS, 8, 8, 300, 50),
+    ]
+    .concat()
 }
 
 /// The site: c2 (PIN 2222) occupies u1 behind the main gate; c3 (PIN 3333) occupies u4

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::site::{SimSite, until};
+use common::site::{SimSite, keypad, tcp_board, until};
 use common::{ADMIN, READER, TestGateway};
 use reqwest::Method;
 use serde_json::json;
@@ -155,39 +155,12 @@ async fn a_fresh_gateway_shows_every_metric_at_zero_and_wants_a_token() {
 }
 
 fn devices() -> String {
-    format!(
-        r#"
-[[devices.keypads]]
-id = "{GATE}"
-zone = "main-gate"
-port = "{{wires}}/{GATE}"
-baud = 115200
-address = 1
-scbk = "5e1f0c2a9b8d7e6f4a3b2c1d0e9f8a7b"
-gate = {{ board = "{GATES}", coil = 0 }}
-pulse_ms = 500
-
-[[devices.relay_boards]]
-id = "{GATES}"
-transport = "tcp"
-address = "127.0.0.1:0"
-unit_id = 1
-coils = 2
-inputs = 2
-timeout_ms = 300
-poll_ms = 50
-
-[[devices.relay_boards]]
-id = "{DOORS}"
-transport = "tcp"
-address = "127.0.0.1:0"
-unit_id = 1
-coils = 8
-inputs = 8
-timeout_ms = 200
-poll_ms = 50
-"#
-    )
+    [
+        keypad(GATE, "main-gate", 1, GATES, 0, None, 500),
+        tcp_board(GATES, 2, 2, 300, 50),
+        tcp_board(DOORS, 8, 8, 200, 50),
+    ]
+    .concat()
 }
 
 async fn press(s: &SimSite, keys: &str) {

@@ -14,7 +14,7 @@ mod broker;
 mod common;
 
 use broker::{Broker, Relay};
-use common::site::{SimSite, until};
+use common::site::{SimSite, keypad, tcp_board, until};
 use serde_json::{Value, json};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -59,38 +59,8 @@ fn embedded_broker_process() {
 }
 
 fn devices() -> String {
-    format!(
+    let rest = format!(
         r#"
-[[devices.keypads]]
-id = "{KEYPAD}"
-zone = "main-gate"
-port = "{{wires}}/{KEYPAD}"
-baud = 115200
-address = 1
-scbk = "5e1f0c2a9b8d7e6f4a3b2c1d0e9f8a7b"
-gate = {{ board = "{GATES}", coil = 0 }}
-pulse_ms = {PULSE_MS}
-
-[[devices.relay_boards]]
-id = "{GATES}"
-transport = "tcp"
-address = "127.0.0.1:0"
-unit_id = 1
-coils = 2
-inputs = 8
-timeout_ms = 300
-poll_ms = 50
-
-[[devices.relay_boards]]
-id = "{HEALTHY}"
-transport = "tcp"
-address = "127.0.0.1:0"
-unit_id = 1
-coils = 8
-inputs = 4
-timeout_ms = 200
-poll_ms = 100
-
 [[devices.relay_boards]]
 id = "{FLAPPING}"
 transport = "rtu"
@@ -108,7 +78,14 @@ url = "http://127.0.0.1:0"
 api_key_file = "{{wires}}/lock-api.key"
 locks = ["lock-1", "lock-2", "lock-3", "lock-4"]
 "#
-    )
+    );
+    [
+        keypad(KEYPAD, "main-gate", 1, GATES, 0, None, PULSE_MS),
+        tcp_board(GATES, 2, 8, 300, 50),
+        tcp_board(HEALTHY, 8, 4, 200, 100),
+        rest,
+    ]
+    .concat()
 }
 
 fn topic(rest: &str) -> String {

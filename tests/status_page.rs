@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::site::{SimSite, until};
+use common::site::{SimSite, keypad, tcp_board, until};
 use common::{ADMIN, ALLOCATOR, READER, TestGateway};
 use reqwest::Method;
 use serde_json::{Value, json};
@@ -253,29 +253,11 @@ const GATES: &str = "gate-relays";
 const KEYPAD: &str = "gate-1";
 
 fn sim_devices() -> String {
-    format!(
-        r#"
-[[devices.keypads]]
-id = "{KEYPAD}"
-zone = "main-gate"
-port = "{{wires}}/{KEYPAD}"
-baud = 115200
-address = 1
-scbk = "5e1f0c2a9b8d7e6f4a3b2c1d0e9f8a7b"
-gate = {{ board = "{GATES}", coil = 0 }}
-pulse_ms = 200
-
-[[devices.relay_boards]]
-id = "{GATES}"
-transport = "tcp"
-address = "127.0.0.1:0"
-unit_id = 1
-coils = 2
-inputs = 2
-timeout_ms = 200
-poll_ms = 50
-"#
-    )
+    [
+        keypad(KEYPAD, "main-gate", 1, GATES, 0, None, 200),
+        tcp_board(GATES, 2, 2, 200, 50),
+    ]
+    .concat()
 }
 
 async fn full_status(s: &SimSite) -> (Value, String) {

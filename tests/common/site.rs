@@ -16,6 +16,52 @@ pub const LOCK_API_KEY: &str = "site-test-lock-key-0123456789";
 /// Poll interval of every wait.
 pub const POLL: Duration = Duration::from_millis(20);
 
+/// `[[devices.keypads]]` text: a secure-channel keypad at 115200 baud on a pty in
+/// `{wires}`, whose gate strike is `coil` of `board` (and gate sensor `sensor`, if any).
+pub fn keypad(
+    id: &str,
+    zone: &str,
+    address: u8,
+    board: &str,
+    coil: u8,
+    sensor: Option<u8>,
+    pulse_ms: u64,
+) -> String {
+    let sensor = sensor.map_or(String::new(), |n| {
+        format!("gate_sensor = {{ board = \"{board}\", input = {n} }}\n")
+    });
+    format!(
+        r#"
+[[devices.keypads]]
+id = "{id}"
+zone = "{zone}"
+port = "{{wires}}/{id}"
+baud = 115200
+address = {address}
+scbk = "5e1f0c2a9b8d7e6f4a3b2c1d0e9f8a{address:02x}"
+gate = {{ board = "{board}", coil = {coil} }}
+{sensor}pulse_ms = {pulse_ms}
+"#
+    )
+}
+
+/// `[[devices.relay_boards]]` text: a Modbus TCP board on a port hw-sim picks.
+pub fn tcp_board(id: &str, coils: u16, inputs: u16, timeout_ms: u64, poll_ms: u64) -> String {
+    format!(
+        r#"
+[[devices.relay_boards]]
+id = "{id}"
+transport = "tcp"
+address = "127.0.0.1:0"
+unit_id = 1
+coils = {coils}
+inputs = {inputs}
+timeout_ms = {timeout_ms}
+poll_ms = {poll_ms}
+"#
+    )
+}
+
 /// hw-sim and the gateway driving it.
 pub struct SimSite {
     /// The simulator.

@@ -7,11 +7,10 @@ import hashlib
 import json
 import os
 import secrets
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-from harness import REPO, Process, until
+from harness import REPO, Process, http_json, until
 
 SITE = "site-interop"
 PREFIX = f"unitgate/v1/{SITE}"
@@ -113,17 +112,7 @@ class Gateway:
 
     def call(self, method, path, body=None):
         """(status, JSON body or None)."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        return status, (json.loads(raw) if raw else None)
+        return http_json(self.base + path, method, body, token=self.token)
 
     def ok(self, method, path, body=None):
         status, answer = self.call(method, path, body)

@@ -1,11 +1,14 @@
 """What every peer of the interop suite needs: free ports, waits with a deadline, and child
 processes whose output is kept in a log file (target/interop-logs/) and shown on failure."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,3 +108,20 @@ class Process:
             return f"({self.log} does not exist)"
         text = self.log.read_text(errors="replace").splitlines()
         return "\n".join(text[-lines:])
+
+
+def http_json(url, method="GET", body=None, token=None, timeout=10):
+    """One HTTP request with an optional JSON body and Bearer token: (status, JSON body or
+    None). An error status is an answer here, not an exception."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    if token is not None:
+        req.add_header("Authorization", f"Bearer {token}")
+    if data is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    return status, (json.loads(raw) if raw else None)

@@ -2,11 +2,9 @@
 embedded broker, on free ports) and headless Debian Chromium driven by chromium-driver
 through Selenium, offline (no Selenium Manager, no downloads)."""
 
-import json
 import os
 import secrets
 import shutil
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
 from gateway import binary
-from harness import REPO, Process, free_port, until
+from harness import REPO, Process, free_port, http_json, until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -85,17 +83,7 @@ class Demo:
 
     def call(self, method, path, body=None):
         """(status, JSON body or None), as the demo admin."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        return status, (json.loads(raw) if raw else None)
+        return http_json(self.base + path, method, body, token=self.token)
 
     def ok(self, method, path, body=None):
         status, answer = self.call(method, path, body)
@@ -104,16 +92,7 @@ class Demo:
 
     def sim_call(self, method, path, body=None):
         """hw-sim's control API (no auth): (status, JSON body or None)."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.sim + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        return status, (json.loads(raw) if raw else None)
+        return http_json(self.sim + path, method, body)
 
     def stop(self):
         return self.process.stop(grace=10)
