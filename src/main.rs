@@ -219,6 +219,7 @@ async fn main() -> Result<()> {
                 if seeded { "seeded" } else { "existing replica" }
             );
             println!("  API:      {url}/v1   (OpenAPI: {url}/openapi.json)");
+            println!("  page:     {url}/status   (enter the token below)");
             println!("  data dir: {}", cfg.store.data_dir.display());
             if !cfg.api.control_socket.as_os_str().is_empty() {
                 println!(
@@ -229,7 +230,7 @@ async fn main() -> Result<()> {
             println!("  token:    {token}");
             #[cfg(feature = "demo-sim")]
             println!(
-                "  hardware: {} (hw-sim ctl show --url {})",
+                "  hardware: {} (a page of the simulated site; hw-sim ctl show --url {})",
                 sim.control_url(),
                 sim.control_url()
             );
